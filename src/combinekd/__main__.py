@@ -1,0 +1,3 @@
+from combinekd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The Distiller: a student, an optional frozen teacher, the layer mapping M, the combiners and
+the loss terms, put together into the one objective the trainer minimises::
+
+    L = w_hard * CE_ls(S, gold) + w_soft * T^2 * KL(p_T || p_S)
+        + w_layer * sum_side sum_i LayerLoss(h_S^i, Combine_i({h_T^j : j in M(i)}))
+        + w_attn * sum_side sum_i AttnLoss(A_S^i, mean_{j in M(i)} A_T^j)
+
+Without a teacher it is plain label-smoothed cross-entropy training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from combinekd.combiners import build_combiner
+from combinekd.config import Config, InitConfig, SideConfig
+from combinekd.errors import UserError
+from combinekd.losses import attention_loss, hard_loss, layer_loss, soft_loss
+from combinekd.mapping import Groups, describe, layer_groups, random_groups
+
+SIDES = ("encoder", "decoder")
+
+
+def num_layers(model_config: Any, side: str) -> int:
+    """Encoder or decoder depth of a HF seq2seq config (Marian/BART style, or T5 style)."""
+    for key in (f"{side}_layers", "num_layers" if side == "encoder" else "num_decoder_layers"):
+        if getattr(model_config, key, None):
+            return int(getattr(model_config, key))
+    raise UserError(f"cannot tell the {side} depth of a `{model_config.model_type}` model")
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + combiners -> one loss per batch (normalised per token).
+
+    The teacher is deliberately *not* a registered submodule: it is never optimised, saved in
+    checkpoints or synchronised by DDP, and stays in eval mode."""
+
+    def __init__(self, student: nn.Module, cfg: Config, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self.label_smoothing = cfg.train.label_smoothing
+        d = cfg.distill
+        self.w_hard = d.w_hard if d else 1.0
+        self.w_soft = d.w_soft if d and teacher is not None else 0.0
+        self.w_layer = d.w_layer if d and teacher is not None else 0.0
+        self.w_attn = d.w_attn if d and teacher is not None else 0.0
+        self.temperature = d.temperature if d else 1.0
+        self.teacher_bf16 = d.teacher_bf16 if d else False
+        self.sides: dict[str, tuple[SideConfig, Groups]] = {}
+        self.combiners = nn.ModuleDict()
+        if teacher is None or (self.w_layer == 0 and self.w_attn == 0):
+            return
+        for side in SIDES:
+            side_cfg: SideConfig | None = getattr(d, side)
+            if side_cfg is None:
+                continue
+            t_layers, s_layers = num_layers(teacher.config, side), num_layers(student.config, side)
+            groups = layer_groups(side_cfg.strategy, t_layers, s_layers, side_cfg.groups)
+            sizes = [1] * len(groups) if side_cfg.strategy == "random" else [len(g) for g in groups]
+            self.sides[side] = (side_cfg, groups)
+            self.combiners[side] = nn.ModuleList(
+                build_combiner(side_cfg.combiner, k, teacher.config.d_model, student.config.d_model) for k in sizes)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .float() also move the unregistered teacher
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def describe(self) -> list[str]:
+        """Human-readable summary of the objective, for the training log."""
+        if self.teacher is None:
+            return [f"objective: label-smoothed cross-entropy (eps {self.label_smoothing})"]
+        lines = [f"objective: {self.w_hard} * hard + {self.w_soft} * soft (T={self.temperature}) + "
+                 f"{self.w_layer} * layer + {self.w_attn} * attention"]
+        for side, (side_cfg, groups) in self.sides.items():
+            lines.append(f"{describe(side_cfg.strategy, groups, side)} [combiner {side_cfg.combiner}, "
+                         f"loss {side_cfg.loss}]")
+        return lines
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels, mask_src = batch["labels"], batch["attention_mask"].bool()
+        mask_tgt = labels != -100
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": self.student.prepare_decoder_input_ids_from_labels(labels=labels),
+                  "output_hidden_states": bool(self.sides) and self.w_layer > 0,
+                  "output_attentions": bool(self.sides) and self.w_attn > 0}
+        out_s = self.student(**inputs)
+        parts = {"hard": hard_loss(out_s.logits, labels, self.label_smoothing)}
+        if self.teacher is not None:
+            with torch.no_grad(), torch.autocast(out_s.logits.device.type, torch.bfloat16, enabled=self.teacher_bf16):
+                out_t = self.teacher(**inputs)
+            if self.w_soft:
+                parts["soft"] = soft_loss(out_s.logits, out_t.logits, mask_tgt, self.temperature)
+            masks = {"encoder": mask_src, "decoder": mask_tgt}
+            for side, (side_cfg, groups) in self.sides.items():
+                if side_cfg.strategy == "random":
+                    groups = random_groups(len(groups[0]), len(groups), _TorchRandom())
+                if inputs["output_hidden_states"]:
+                    h_s, h_t = getattr(out_s, f"{side}_hidden_states"), getattr(out_t, f"{side}_hidden_states")
+                    parts[f"layer_{side}"] = sum(
+                        layer_loss(*combine(h_s[i], [h_t[j] for j in group]), masks[side], side_cfg.loss)
+                        for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1))
+                if inputs["output_attentions"]:
+                    a_s, a_t = getattr(out_s, f"{side}_attentions"), getattr(out_t, f"{side}_attentions")
+                    parts[f"attn_{side}"] = sum(
+                        attention_loss(a_s[i - 1], torch.stack([a_t[j - 1] for j in group]).mean(0), masks[side])
+                        for i, group in enumerate(groups, 1))
+        weights = {"hard": self.w_hard, "soft": self.w_soft, "layer": self.w_layer, "attn": self.w_attn}
+        parts["loss"] = sum(weights[name.split("_")[0]] * value for name, value in parts.items())
+        return parts
+
+
+class _TorchRandom:
+    """``random.sample`` on torch's global generator, so RAIL-KD draws resume exactly with the run."""
+
+    @staticmethod
+    def sample(population: range, k: int) -> list[int]:
+        return [population[i] for i in torch.randperm(len(population))[:k].tolist()]
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, init: InitConfig) -> None:
+    """Copy the shared embeddings and the chosen teacher layers (1-based) into the student."""
+    try:
+        student.get_input_embeddings().load_state_dict(teacher.get_input_embeddings().state_dict())
+        for side in SIDES:
+            chosen = getattr(init, side)
+            if not chosen:
+                continue
+            s_layers = getattr(student.get_encoder() if side == "encoder" else student.get_decoder(), "layers")
+            t_layers = getattr(teacher.get_encoder() if side == "encoder" else teacher.get_decoder(), "layers")
+            if len(chosen) != len(s_layers) or not all(1 <= j <= len(t_layers) for j in chosen):
+                raise UserError(f"init_from_teacher.{side}: give {len(s_layers)} teacher layers within "
+                                f"1..{len(t_layers)}, got {chosen}")
+            for s_layer, j in zip(s_layers, chosen):
+                s_layer.load_state_dict(t_layers[j - 1].state_dict())
+    except RuntimeError as exc:
+        raise UserError(f"init_from_teacher needs the teacher's width, ffn and heads: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def build_objective(cfg: Config, tokenizer) -> Distiller:
+    """The objective for a config: plain CE training, or KD from ``cfg.distill.teacher``."""
+    from combinekd.models import build_model, check_same_vocabulary, load_model
+
+    needs_attn = bool(cfg.distill and cfg.distill.w_attn > 0)
+    attn = "eager" if needs_attn else "sdpa"
+    student = build_model(cfg.model, tokenizer, attn_implementation=attn)
+    if cfg.distill is None:
+        return Distiller(student, cfg)
+    teacher, teacher_tokenizer = load_model(cfg.distill.teacher, attn_implementation=attn)
+    check_same_vocabulary(teacher_tokenizer, tokenizer, f"the teacher {cfg.distill.teacher}",
+                          f"the data in {cfg.data_dir}")
+    teacher.eval().requires_grad_(False)
+    if cfg.distill.init_from_teacher:
+        init_from_teacher(student, teacher, cfg.distill.init_from_teacher)
+    return Distiller(student, cfg, teacher)

@@ -1,0 +1,74 @@
+"""Building, loading and saving Hugging Face seq2seq models together with their tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from combinekd.config import ModelConfig
+from combinekd.data import load_tokenizer, tokenizer_fingerprint
+from combinekd.errors import UserError
+
+
+def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
+    """A randomly initialised Marian Transformer with tied, shared source/target embeddings."""
+    from transformers import MarianConfig, MarianMTModel
+
+    pad = tokenizer.pad_token_id
+    config = MarianConfig(
+        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), d_model=cfg.d_model,
+        encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+        attention_dropout=0.0, activation_dropout=0.0, activation_function="swish",
+        max_position_embeddings=cfg.max_length, scale_embedding=True, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=pad, forced_eos_token_id=tokenizer.eos_token_id)
+    model = MarianMTModel(config)
+    model.config._attn_implementation = attn_implementation
+    model.generation_config.max_length = cfg.max_length
+    model.generation_config.num_beams = 5
+    model.generation_config.bad_words_ids = [[pad]]
+    return model
+
+
+def load_model(path: str | Path, attn_implementation: str = "sdpa"):
+    """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(path), attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
+    return model, load_tokenizer(path)
+
+
+def save_model(model, tokenizer, path: str | Path) -> None:
+    """Write a standard HF model dir (safetensors weights + tokenizer), each file replaced atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    staging = path / ".saving"
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    for item in staging.iterdir():
+        os.replace(item, path / item.name)
+    staging.rmdir()
+
+
+def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) -> None:
+    """Distillation needs one vocabulary: refuse tokenizers that would disagree on ids."""
+    a, b = tokenizer_fingerprint(tokenizer_a), tokenizer_fingerprint(tokenizer_b)
+    if a != b:
+        diff = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k] and k != "sample") or "token ids differ"
+        raise UserError(f"vocabulary mismatch between {what_a} and {what_b} ({diff}); "
+                        f"prepare the data with `combinekd prepare --tokenizer-from TEACHER_DIR`")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
