@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Label-smoothed cross-entropy with the gold targets, per non-pad target token (labels -100 = pad)."""
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                            label_smoothing=label_smoothing)
 
 

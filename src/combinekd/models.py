@@ -27,6 +27,18 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
         tie_word_embeddings=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=pad, forced_eos_token_id=tokenizer.eos_token_id)
     model = MarianMTModel(config)
+    # Vaswani et al. / fairseq initialisation for training from scratch: token embeddings with std
+    # d^-0.5 (times the sqrt(d) embedding scale gives unit scale, like the sinusoidal positions; HF's
+    # fine-tuning default of 0.02 drowns the tokens in the positions) and Xavier-uniform projections.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        embeddings = model.get_input_embeddings().weight
+        embeddings.normal_(0.0, cfg.d_model ** -0.5)
+        embeddings[pad].zero_()
     model.config._attn_implementation = attn_implementation
     model.generation_config.max_length = cfg.max_length
     model.generation_config.num_beams = 5

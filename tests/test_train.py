@@ -1,0 +1,131 @@
+"""End-to-end training, exact resume, evaluation JSON, translation and HF pipeline loading."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from combinekd.cli import main
+from combinekd.config import load_config
+from combinekd.errors import UserError
+from combinekd.trainer import train
+
+from conftest import tiny_config
+
+
+def test_tiny_model_learns_the_task(trained_model):
+    out, summary = trained_model
+    assert summary["steps"] == 300
+    assert summary["best_dev_bleu"] > 60, summary  # a random model scores ~0 on this task
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0] / 3
+    assert (out / "checkpoints" / "last" / "trainer_state.json").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_evaluate_json(trained_model, data_dir, capsys):
+    out, _ = trained_model
+    code = main(["evaluate", str(out), "--data", str(data_dir), "--beam", "2", "--json",
+                 "--refs", str(data_dir / "test.tgt")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"bleu", "chrf", "signature", "n_sentences", "params"} <= result.keys()
+    assert result["n_sentences"] == 60 and result["n_refs"] == 2 and result["bleu"] > 60
+    assert result["signature"].startswith("nrefs:2|")
+    assert len((out / "test.hyp.yy").read_text().splitlines()) == 60
+
+
+def test_translate_stdin_to_stdout(trained_model, monkeypatch, capsys):
+    out, _ = trained_model
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w1 w2 w3\nw5 w5 w9 w0\n"))
+    assert main(["translate", str(out), "--beam", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[0] == "v1" and lines[1].startswith("v5")
+
+
+def test_pipeline_loads_the_output_dir(trained_model):
+    from transformers import pipeline
+
+    out, _ = trained_model
+    translator = pipeline("translation", model=str(out))
+    text = translator("w4 w8 w12 w2", num_beams=2)[0]["translation_text"]
+    assert text.split()[0] == "v4"
+
+
+def _weights(path):
+    return load_file(str(path / "checkpoints" / "last" / "objective.safetensors"))
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    straight = tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 12, "train.eval_every": 6})
+    train(straight)
+    first_half = tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 6, "train.eval_every": 6})
+    train(first_half)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(first_half)
+    train(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 12, "train.eval_every": 6}), resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    state_a = json.loads((tmp_path / "a/checkpoints/last/trainer_state.json").read_text())
+    state_b = json.loads((tmp_path / "b/checkpoints/last/trainer_state.json").read_text())
+    assert state_a["stream"] == state_b["stream"] and state_a["scheduler"] == state_b["scheduler"]
+
+
+def test_resume_without_a_run_is_a_user_error(data_dir, tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_config(data_dir, tmp_path / "none"), resume=True)
+
+
+def test_early_stopping(data_dir, tmp_path):
+    # lr 0 never improves after the first evaluation: patience 2 stops after 3 evaluations
+    cfg = tiny_config(data_dir, tmp_path / "es", **{"train.lr": 1e-12, "train.max_steps": 100,
+                                                     "train.eval_every": 2, "train.patience": 2})
+    summary = train(cfg)
+    assert summary["stopped_early"] and summary["steps"] == 6
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.layers=3"], "model.layers: unknown key"),
+    (["train.max_steps=-1"], "train.max_steps"),
+    (["model.d_model=100", "model.heads=3"], "divisible by heads"),
+    (["distill.teacher=/x", "distill.encoder.strategy=nope"], "distill.encoder.strategy"),
+    (["distill.teacher=/x", "distill.encoder.strategy=groups"], "give `groups` exactly"),
+    (["nonsense"], "KEY=VALUE"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, sets, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {tmp_path}\noutput_dir: {tmp_path / 'o'}\n")
+    args = ["train", str(config)]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_files_are_user_errors(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a prepared data dir" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'nodata'}\noutput_dir: {tmp_path / 'o'}\n")
+    assert main(["train", str(config)]) == 2
+    assert "not a prepared data dir" in capsys.readouterr().err
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.bf16=false", "model.dropout=0.3", "distill.teacher=t",
+                             "distill.encoder.groups=[[1,2],[3]]", "distill.encoder.strategy=groups"],
+                      base={"data_dir": "d", "output_dir": "o"})
+    assert cfg.train.bf16 is False and cfg.model.dropout == 0.3
+    assert cfg.distill.encoder.groups == [[1, 2], [3]] and cfg.distill.encoder.loss == "mse"
