@@ -47,8 +47,8 @@ def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> "Config":  # n
         "data_dir": str(data_dir), "output_dir": str(output_dir), "seed": 3,
         "model": {"encoder_layers": 2, "decoder_layers": 2, "d_model": 64, "ffn_dim": 128, "heads": 4,
                   "dropout": 0.1, "max_length": 64},
-        "train": {"max_steps": 20, "max_tokens": 600, "lr": 3e-3, "warmup_steps": 30, "eval_every": 10,
-                  "log_every": 5, "bf16": False, "threads": 2},
+        "train": {"max_steps": 20, "max_tokens": 600, "lr": 1e-3, "warmup_steps": 100, "eval_every": 10,
+                  "log_every": 5, "bf16": False, "threads": 1},
     }
     sets = [f"{k}={v}" for k, v in overrides.items()]
     return load_config(None, sets, base=base)
@@ -71,5 +71,5 @@ def trained_model(data_dir, tmp_path_factory) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("teacher") / "model"
     torch.manual_seed(0)
-    summary = train(tiny_config(data_dir, out, **{"train.max_steps": 300, "train.eval_every": 100}))
+    summary = train(tiny_config(data_dir, out, **{"train.max_steps": 400, "train.eval_every": 100}))
     return out, summary

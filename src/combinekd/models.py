@@ -12,10 +12,19 @@ from combinekd.data import load_tokenizer, tokenizer_fingerprint
 from combinekd.errors import UserError
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars or advisory warnings from transformers in our output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     """A randomly initialised Marian Transformer with tied, shared source/target embeddings."""
     from transformers import MarianConfig, MarianMTModel
 
+    _quiet_transformers()
     pad = tokenizer.pad_token_id
     config = MarianConfig(
         vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), d_model=cfg.d_model,
@@ -50,6 +59,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
     """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT)."""
     from transformers import AutoModelForSeq2SeqLM
 
+    _quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)")

@@ -154,6 +154,7 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train ``cfg`` to ``cfg.output_dir`` (a HF model dir with tokenizer); returns the final summary."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
     from transformers import get_inverse_sqrt_schedule, set_seed
@@ -172,6 +173,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     dev = load_split(cfg.data_dir, "dev", cfg.model.max_length)
     dev_text = split_text(cfg.data_dir, "dev")
 
+    AcceleratorState._reset_state()  # several runs in one process (tests, experiments) may differ in precision
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.bf16 else "no")
     set_seed(cfg.seed)
     objective = build_objective(cfg, tokenizer)
@@ -220,7 +222,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 output = model(batch)
                 accelerator.backward(output["loss"] / cfg.train.grad_accum)
             for key, value in output.items():
-                parts[key] = parts.get(key, 0.0) + float(value) / cfg.train.grad_accum
+                parts[key] = parts.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
             window_tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes
         if cfg.train.clip_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)

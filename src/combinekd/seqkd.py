@@ -1,0 +1,50 @@
+"""Sequence-level KD (Kim & Rush, 2016): a copy of a prepared DATADIR whose training targets are
+the teacher's beam translations. Resumable: translations are appended to a partial file in chunks
+and a rerun continues after the last finished chunk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from combinekd.data import (Split, atomic_dir, encode, load_tokenizer, read_lines, read_meta, save_split,
+                            split_text)
+from combinekd.evaluate import translate
+from combinekd.models import check_same_vocabulary, load_model
+
+
+def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path, *, beam: int = 5,
+                 batch_size: int = 64, chunk: int = 512) -> dict:
+    data_dir, out = Path(data_dir), Path(out)
+    meta = read_meta(data_dir)
+    teacher, tokenizer = load_model(teacher_dir)
+    check_same_vocabulary(tokenizer, load_tokenizer(data_dir), f"the teacher {teacher_dir}", f"the data in {data_dir}")
+    sources, _ = split_text(data_dir, "train")
+    partial = out.with_name(f".{out.name}.partial.tgt")
+    done = read_lines(partial) if partial.is_file() else []
+    with partial.open("a", encoding="utf-8") as sink, \
+            tqdm(total=len(sources), initial=len(done), desc="teacher translations", unit="sent") as bar:
+        for start in range(len(done), len(sources), chunk):
+            hyps = translate(teacher, tokenizer, sources[start:start + chunk], beam=beam, batch_size=batch_size)
+            sink.write("".join(h.replace("\n", " ") + "\n" for h in hyps))
+            sink.flush()
+            bar.update(len(hyps))
+    targets = read_lines(partial)
+    keep = [i for i, t in enumerate(targets) if t.strip()]
+    src_ids, tgt_ids = encode(tokenizer, [sources[i] for i in keep], [targets[i] for i in keep])
+    with atomic_dir(out) as tmp:
+        for item in data_dir.iterdir():
+            if not item.name.startswith("train."):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / "train.src").write_text("".join(sources[i] + "\n" for i in keep), encoding="utf-8")
+        (tmp / "train.tgt").write_text("".join(targets[i] + "\n" for i in keep), encoding="utf-8")
+        save_split(tmp / "train.ids.safetensors", Split(src_ids, tgt_ids))
+        meta["splits"]["train"].update(pairs=len(keep), empty_teacher_outputs=len(targets) - len(keep),
+                                       tgt_tokens=sum(map(len, tgt_ids)))
+        meta["seqkd"] = {"teacher": str(teacher_dir), "beam": beam, "from": str(data_dir)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    partial.unlink()
+    return meta["splits"]["train"]

@@ -1,0 +1,167 @@
+"""Distillation: zero loss for an identical student, gradient flow, every strategy x combiner,
+resume with combiners, vocabulary checks, teacher-initialised students and sequence-level KD."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from combinekd.cli import main
+from combinekd.config import STRATEGIES, ModelConfig
+from combinekd.data import collate, load_split, load_tokenizer, read_meta
+from combinekd.distill import Distiller, build_objective
+from combinekd.errors import UserError
+from combinekd.models import build_model, save_model
+from combinekd.trainer import train
+
+from conftest import prepare_corpus, tiny_config, write_corpus
+
+COMBINER_NAMES = ("linear", "student-up", "attention", "mean")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(data_dir, tmp_path_factory):
+    """A 4+4-layer teacher of width 96 (random weights), saved like any local HF model dir."""
+    torch.manual_seed(1)
+    tokenizer = load_tokenizer(data_dir)
+    model = build_model(ModelConfig(encoder_layers=4, decoder_layers=4, d_model=96, ffn_dim=128, heads=4,
+                                    max_length=64), tokenizer)
+    path = tmp_path_factory.mktemp("kd") / "teacher"
+    save_model(model, tokenizer, path)
+    return path
+
+
+def kd_config(data_dir, out, teacher, **sets):
+    base = {"distill.teacher": str(teacher), "distill.encoder.strategy": "overlap"}
+    return tiny_config(data_dir, out, **{**base, **sets})
+
+
+def batch(data_dir, n=6):
+    tokenizer = load_tokenizer(data_dir)
+    return collate(load_split(data_dir, "train"), list(range(n)), tokenizer.pad_token_id)
+
+
+def test_identical_student_has_zero_layer_and_soft_loss(data_dir, tmp_path):
+    tokenizer = load_tokenizer(data_dir)
+    torch.manual_seed(0)
+    same = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=64, ffn_dim=128, heads=4, dropout=0.0,
+                       max_length=64)
+    teacher = build_model(same, tokenizer)
+    save_model(teacher, tokenizer, tmp_path / "twin")
+    cfg = kd_config(data_dir, tmp_path / "o", tmp_path / "twin", **{
+        "model.dropout": 0.0, "distill.encoder.strategy": "skip", "distill.decoder.strategy": "skip",
+        "distill.teacher_bf16": False})
+    objective = build_objective(cfg, tokenizer)
+    objective.student.load_state_dict(teacher.state_dict())
+    parts = objective(batch(data_dir))
+    assert parts["layer_encoder"].item() == pytest.approx(0.0, abs=1e-6)
+    assert parts["layer_decoder"].item() == pytest.approx(0.0, abs=1e-6)
+    assert parts["soft"].item() == pytest.approx(0.0, abs=1e-5)
+    assert sum(p.numel() for p in objective.combiners.parameters()) == 0, "skip with equal widths: no projection"
+
+
+def test_gradients_reach_student_and_combiners_never_teacher(data_dir, teacher_dir, tmp_path):
+    cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{"distill.decoder.strategy": "regular"})
+    objective = build_objective(cfg, load_tokenizer(data_dir))
+    objective(batch(data_dir))["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.combiners.parameters())
+    assert objective.student.get_encoder().layers[0].fc1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in objective.teacher.parameters())
+    assert not any(name.startswith("teacher") for name in objective.state_dict())
+    assert not objective.teacher.training
+
+
+@pytest.mark.parametrize("combiner", COMBINER_NAMES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_and_combiner_trains_on_both_sides(data_dir, teacher_dir, tmp_path, strategy, combiner):
+    sets = {}
+    for side in ("encoder", "decoder"):
+        sets[f"distill.{side}.strategy"] = strategy
+        sets[f"distill.{side}.combiner"] = combiner
+        if strategy == "groups":
+            sets[f"distill.{side}.groups"] = "[[1,2],[2,3,4]]"
+    objective = build_objective(kd_config(data_dir, tmp_path / "o", teacher_dir, **sets), load_tokenizer(data_dir))
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        parts = objective(batch(data_dir))
+        parts["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(parts["loss"].item())
+        assert {"hard", "soft", "layer_encoder", "layer_decoder"} <= parts.keys()
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_attention_map_kd(data_dir, teacher_dir, tmp_path):
+    cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{"distill.w_attn": 1.0, "distill.decoder.strategy": "skip"})
+    parts = build_objective(cfg, load_tokenizer(data_dir))(batch(data_dir))
+    assert parts["attn_encoder"].item() > 0 and parts["attn_decoder"].item() > 0
+    parts["loss"].backward()
+
+
+def test_resume_with_combiners_is_exact(data_dir, teacher_dir, tmp_path):
+    sets = {"distill.decoder.strategy": "random", "distill.decoder.combiner": "linear"}
+    train(kd_config(data_dir, tmp_path / "a", teacher_dir, **sets, **{"train.max_steps": 8, "train.eval_every": 4}))
+    train(kd_config(data_dir, tmp_path / "b", teacher_dir, **sets, **{"train.max_steps": 4, "train.eval_every": 4}))
+    train(kd_config(data_dir, tmp_path / "b", teacher_dir, **sets, **{"train.max_steps": 8, "train.eval_every": 4}),
+          resume=True)
+    a = load_file(str(tmp_path / "a/checkpoints/last/objective.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/last/objective.safetensors"))
+    assert any(k.startswith("combiners.encoder") for k in a) and any(k.startswith("combiners.decoder") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_vocabulary_mismatch_and_missing_teacher_are_user_errors(data_dir, teacher_dir, tmp_path, capsys):
+    other = prepare_corpus(write_corpus(tmp_path / "c", {"train": 300, "dev": 10, "test": 10}), tmp_path / "d2",
+                           tokenizer_from=None)
+    # a different SentencePiece model: the same text gives different ids
+    (tmp_path / "c" / "train.xx").write_text("".join(f"w{i % 16}{i % 7} z\n" for i in range(300)))
+    other = prepare_corpus(tmp_path / "c", tmp_path / "d3")
+    config = tmp_path / "kd.yaml"
+    config.write_text(f"data_dir: {other}\noutput_dir: {tmp_path / 'o'}\ndistill:\n  teacher: {teacher_dir}\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary mismatch" in err and "--tokenizer-from" in err and len(err.strip().splitlines()) == 1
+    config.write_text(f"data_dir: {data_dir}\noutput_dir: {tmp_path / 'o'}\ndistill:\n  teacher: {tmp_path / 'no'}\n")
+    assert main(["train", str(config)]) == 2
+    assert "no model found" in capsys.readouterr().err
+
+
+def test_prepare_with_the_teachers_tokenizer(corpus, teacher_dir, tmp_path):
+    data = prepare_corpus(corpus, tmp_path / "data", tokenizer_from=teacher_dir)
+    assert read_meta(data)["tokenizer_from"] == str(teacher_dir)
+    cfg = kd_config(data, tmp_path / "student", teacher_dir, **{"train.max_steps": 2, "train.eval_every": 2})
+    assert train(cfg)["steps"] == 2
+
+
+def test_init_from_teacher_copies_layers(data_dir, teacher_dir, tmp_path):
+    cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{
+        "model.d_model": 96, "distill.init_from_teacher.encoder": "[2, 4]", "distill.init_from_teacher.decoder": "[1, 4]"})
+    objective = build_objective(cfg, load_tokenizer(data_dir))
+    s_enc, t_enc = objective.student.get_encoder().layers, objective.teacher.get_encoder().layers
+    assert torch.equal(s_enc[1].fc1.weight, t_enc[3].fc1.weight)
+    assert torch.equal(objective.student.get_decoder().layers[0].fc2.weight, objective.teacher.get_decoder().layers[0].fc2.weight)
+    bad = kd_config(data_dir, tmp_path / "o", teacher_dir, **{"distill.init_from_teacher.encoder": "[1, 2]"})
+    with pytest.raises(UserError, match="init_from_teacher needs the teacher's width"):
+        build_objective(bad, load_tokenizer(data_dir))
+
+
+def test_sequence_level_kd_data(trained_model, data_dir, tmp_path, capsys):
+    teacher, _ = trained_model
+    out = tmp_path / "seqkd"
+    assert main(["distill-data", str(teacher), "--data", str(data_dir), "--out", str(out), "--beam", "2"]) == 0
+    meta = read_meta(out)
+    assert meta["seqkd"]["teacher"] == str(teacher)
+    targets = (out / "train.tgt").read_text().splitlines()
+    sources = (out / "train.src").read_text().splitlines()
+    assert len(targets) == meta["splits"]["train"]["pairs"] == len(load_split(out, "train"))
+    # the trained teacher translates word for word: most targets equal the dictionary translation
+    exact = sum(t == s.replace("w", "v") for s, t in zip(sources, targets))
+    assert exact > 0.5 * len(targets)
+    assert (out / "dev.tgt").read_text() == (data_dir / "dev.tgt").read_text()
+    assert not (tmp_path / ".seqkd.partial.tgt").exists()
