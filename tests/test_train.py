@@ -129,3 +129,12 @@ def test_overrides_parse_yaml_values():
                       base={"data_dir": "d", "output_dir": "o"})
     assert cfg.train.bf16 is False and cfg.model.dropout == 0.3
     assert cfg.distill.encoder.groups == [[1, 2], [3]] and cfg.distill.encoder.loss == "mse"
+
+
+def test_compare_prints_a_table_with_bootstrap(trained_model, data_dir, capsys):
+    out, _ = trained_model
+    assert main(["compare", str(out), str(out), "--data", str(data_dir), "--beam", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and rows[0]["bleu"] == rows[1]["bleu"]
+    assert rows[0]["bootstrap"]["p_value"] is None  # the baseline
+    assert 0 < rows[1]["bootstrap"]["p_value"] <= 1 and rows[1]["bootstrap"]["ci"] is not None

@@ -58,6 +58,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from combinekd.evaluate import compare, markdown_table
+
+    results = compare(args.model_dirs, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
+                      batch_size=args.batch_size)
+    print(json.dumps(results) if args.json else markdown_table(results) + f"\n{results[0]['signature']}")
+    return 0
+
+
 def _cmd_translate(args: argparse.Namespace) -> int:
     from combinekd.evaluate import translate
     from combinekd.models import load_model
@@ -138,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="hypotheses file (default MODEL_DIR/SPLIT.hyp.LANG)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser("compare", help="evaluate several models; paired bootstrap against the first")
+    c.add_argument("model_dirs", nargs="+")
+    c.add_argument("--data", required=True)
+    c.add_argument("--split", default="test")
+    c.add_argument("--beam", type=int, default=5)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_compare)
 
     tr = sub.add_parser("translate", help="translate stdin to stdout")
     tr.add_argument("model_dir")

@@ -46,20 +46,44 @@ def corpus_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict:
             "chrf_signature": str(chrf.get_signature())}
 
 
-def paired_bootstrap(baseline: Sequence[str], system: Sequence[str], refs: Sequence[Sequence[str]],
-                     samples: int = 1000) -> dict:
-    """sacreBLEU's paired bootstrap resampling of ``system`` against ``baseline`` (BLEU)."""
-    from sacrebleu.compat import corpus_bleu  # noqa: F401  (keeps sacrebleu's import side effects)
+def paired_bootstrap(systems: dict[str, Sequence[str]], refs: Sequence[Sequence[str]], samples: int = 1000) -> dict:
+    """sacreBLEU's paired bootstrap resampling; the first system is the baseline the others are tested against.
+
+    Returns, per system, its BLEU, the bootstrap mean and 95% CI, and the p-value against the baseline."""
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
-    named = {"baseline": list(baseline), "system": list(system)}
-    test = PairedTest(named, {"BLEU": BLEU(references=[list(r) for r in refs])}, references=None,
-                      test_type="bs", n_samples=samples)
-    _, results = test()
-    system_result = results["BLEU"][1]
-    return {"bleu": system_result.score, "p_value": system_result.p_value,
-            "baseline_bleu": results["BLEU"][0].score}
+    test = PairedTest([(name, list(h)) for name, h in systems.items()], {"BLEU": BLEU()},
+                      references=[list(r) for r in refs], test_type="bs", n_samples=samples)
+    _, scores = test()
+    return {name: {"bleu": round(r.score, 2), "mean": r.mean, "ci": r.ci, "p_value": r.p_value}
+            for name, r in zip(scores["System"], scores["BLEU"])}
+
+
+def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", beam: int = 5,
+            extra_refs: Sequence[str | Path] = (), batch_size: int = 32) -> list[dict]:
+    """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size) for m in model_dirs]
+    refs = [split_text(data_dir, split)[1]] + [read_lines(p) for p in extra_refs]
+    systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
+    significance = paired_bootstrap(systems, refs) if len(systems) > 1 else {}
+    for i, (model, result) in enumerate(zip(model_dirs, results)):
+        result["model"] = str(model)
+        if significance:
+            result["bootstrap"] = significance[f"#{i}"]
+    return results
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """Model, parameters, BLEU (with bootstrap 95% CI and p-value vs the first row), chrF, speed."""
+    rows = ["| model | params | BLEU | chrF | p vs first | sent/s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        boot = r.get("bootstrap", {})
+        ci = f" ± {boot['ci']:.2f}" if boot.get("ci") is not None else ""
+        p = f"{boot['p_value']:.4f}" if boot.get("p_value") is not None else "-"
+        rows.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
+                    f"{r['sentences_per_s']:.1f} |")
+    return "\n".join(rows)
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", beam: int = 5,

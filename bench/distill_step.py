@@ -1,0 +1,99 @@
+"""Cost of a distillation step against its unavoidable parts, same batches, same run:
+
+    ratio = time(Distiller step) / (time(student train step) + time(teacher forward))
+
+    python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8]
+
+"cpu" is configs/teacher-cpu.yaml -> configs/student-cpu.yaml, "paper" is configs/teacher-6x6.yaml ->
+configs/student-2x2.yaml (random weights: speed does not depend on them). The KD step runs the
+default CKD (encoder overlap groups, linear combiner, w_soft > 0). Target: ratio <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+from combinekd.config import load_config
+from combinekd.data import collate, load_split, load_tokenizer, token_batches
+from combinekd.distill import Distiller, build_objective
+from combinekd.models import build_model, save_model
+
+SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
+         "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
+
+
+def timed(step, batches, warmup: int = 2) -> float:
+    for b in batches[:warmup]:
+        step(b)
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    return (time.perf_counter() - start) / len(batches[warmup:])
+
+
+def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
+    teacher_yaml, student_yaml = SIZES[size]
+    tokenizer = load_tokenizer(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        t_cfg = load_config(teacher_yaml, [f"data_dir={data}", f"output_dir={tmp}/t"])
+        save_model(build_model(t_cfg.model, tokenizer), tokenizer, f"{tmp}/teacher")
+        sets = [f"data_dir={data}", f"output_dir={tmp}/s", f"distill.teacher={tmp}/teacher"]
+        if max_tokens:
+            sets.append(f"train.max_tokens={max_tokens}")
+        cfg = load_config(student_yaml, sets)
+        split = load_split(data, "train", cfg.model.max_length)
+        order = token_batches([len(s) for s in split.src], [len(t) for t in split.tgt], cfg.train.max_tokens, seed=0)
+        batches = [collate(split, idx, tokenizer.pad_token_id) for idx in order[:steps + 2]]
+        autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext
+
+        torch.manual_seed(0)
+        kd = build_objective(cfg, tokenizer)
+        plain = Distiller(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None}))
+        teacher = kd.teacher
+
+        def train_step(objective, optimizer):
+            def step(batch):
+                with autocast():
+                    loss = objective(batch)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return step
+
+        @torch.no_grad()
+        def teacher_forward(batch):
+            with torch.autocast("cpu", torch.bfloat16, enabled=cfg.distill.teacher_bf16):
+                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        decoder_input_ids=teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+                        output_hidden_states=True)
+
+        student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
+        teacher_s = timed(teacher_forward, batches)
+        kd_s = timed(train_step(kd, torch.optim.AdamW(kd.parameters(), lr=1e-4)), batches)
+        student_again = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
+        student_s = (student_s + student_again) / 2
+        print(f"[{size}] teacher {t_cfg.model.encoder_layers}+{t_cfg.model.decoder_layers} d{t_cfg.model.d_model} -> "
+              f"student {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
+              f"max_tokens {cfg.train.max_tokens}, threads {torch.get_num_threads()}")
+        print(f"  student step {student_s:.3f}s + teacher forward {teacher_s:.3f}s = {student_s + teacher_s:.3f}s; "
+              f"distillation step {kd_s:.3f}s; ratio {kd_s / (student_s + teacher_s):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--sizes", nargs="+", default=["cpu", "paper"], choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=None, help="override the configs' batch size")
+    args = parser.parse_args()
+    for size in args.sizes:
+        measure(size, args.data, args.steps, args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
