@@ -24,6 +24,11 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
     check_same_vocabulary(tokenizer, load_tokenizer(data_dir), f"the teacher {teacher_dir}", f"the data in {data_dir}")
     sources, _ = split_text(data_dir, "train")
     partial = out.with_name(f".{out.name}.partial.tgt")
+    job = out.with_name(f".{out.name}.partial.json")
+    settings = {"teacher": str(Path(teacher_dir).resolve()), "data": str(data_dir.resolve()), "beam": beam}
+    if not job.is_file() or json.loads(job.read_text(encoding="utf-8")) != settings:
+        partial.unlink(missing_ok=True)  # a different job: start over
+        job.write_text(json.dumps(settings), encoding="utf-8")
     done = read_lines(partial) if partial.is_file() else []
     with partial.open("a", encoding="utf-8") as sink, \
             tqdm(total=len(sources), initial=len(done), desc="teacher translations", unit="sent") as bar:
@@ -47,4 +52,5 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
         meta["seqkd"] = {"teacher": str(teacher_dir), "beam": beam, "from": str(data_dir)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     partial.unlink()
+    job.unlink()
     return meta["splits"]["train"]

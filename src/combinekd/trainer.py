@@ -196,9 +196,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         (out / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         writer = SummaryWriter(str(out / "tensorboard"))
         log = (out / "train_log.jsonl").open("a", encoding="utf-8")
-        if hasattr(objective, "describe"):
-            for line in objective.describe():
-                tqdm.write(line)
+        description = objective.describe()
+        for line in description:
+            tqdm.write(line)
     autocast = accelerator.autocast if cfg.train.bf16 else nullcontext  # a factory: called per use
 
     def record(entry: dict) -> None:
@@ -206,9 +206,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             log.write(json.dumps(entry) + "\n")
             log.flush()
             for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, entry["step"])
 
+    if main:
+        record({"step": progress["step"], "objective": description, "resumed": resume})
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
