@@ -213,7 +213,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         record({"step": progress["step"], "objective": description, "resumed": resume})
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
-    window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+    window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
     stopped_early = False
     while progress["step"] < cfg.train.max_steps:
         parts: dict[str, float] = {}
@@ -232,7 +232,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress["step"] += 1
-        window_loss, window_n = window_loss + parts["loss"], window_n + 1
+        window_n += 1
+        for key, value in parts.items():
+            window_sums[key] = window_sums.get(key, 0.0) + value
         bar.update(1)
         if not math.isfinite(parts["loss"]):
             raise UserError(f"the loss became {parts['loss']} at step {progress['step']}: lower train.lr "
@@ -242,14 +244,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
             seconds = time.perf_counter() - window_start
             progress["train_seconds"] += seconds
             progress["target_tokens"] += window_tokens
-            entry = {"step": step, **{k: round(v, 5) for k, v in parts.items()},
-                     "loss": round(window_loss / window_n, 5), "lr": scheduler.get_last_lr()[0],
+            entry = {"step": step, **{k: round(v / window_n, 5) for k, v in window_sums.items()},
+                     "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(window_tokens / max(seconds, 1e-9), 1), "epoch": stream.epoch}
             record(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+            window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            window_start -= _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
+            window_start += _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
                                                optimizer, scheduler, stream, progress, record, out, last)
             if cfg.train.patience and progress["bad_evals"] >= cfg.train.patience:
                 stopped_early = True
