@@ -13,7 +13,6 @@ install: $(STAMP)
 # torch==2.13.0 first, on its own: on these machines pip takes the CPU wheel from local disk.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
