@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(CKD) data sample --out $(DEMO)/corpus
 	$(CKD) prepare --src-lang es --tgt-lang en --train $(DEMO)/corpus/train --dev $(DEMO)/corpus/dev \
 	    --test $(DEMO)/corpus/test --vocab-size 8000 --out $(DEMO)/data
-	$(CKD) mapping --teacher-layers 4 --student-layers 2 --strategy overlap
+	$(CKD) mapping --teacher-layers 3 --student-layers 2 --strategy overlap
 	$(CKD) train configs/demo-teacher.yaml
 	$(CKD) train configs/demo-student.yaml
 	$(CKD) compare $(DEMO)/teacher $(DEMO)/student --data $(DEMO)/data --beam 4
