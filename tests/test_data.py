@@ -86,3 +86,11 @@ def test_token_batches_respect_budget_and_cover_everything():
 
 def test_meta_is_json(data_dir):
     assert json.loads((data_dir / "meta.json").read_text())["src_lang"] == "xx"
+
+
+def test_byte_order_mark_is_not_part_of_the_first_segment(tmp_path):
+    from combinekd.data import read_lines
+
+    path = tmp_path / "bom.xx"
+    path.write_bytes("\ufeffw1 w2\nw3\n".encode("utf-8"))
+    assert read_lines(path) == ["w1 w2", "w3"]

@@ -165,3 +165,60 @@ def test_sequence_level_kd_data(trained_model, data_dir, tmp_path, capsys):
     assert exact > 0.5 * len(targets)
     assert (out / "dev.tgt").read_text() == (data_dir / "dev.tgt").read_text()
     assert not (tmp_path / ".seqkd.partial.tgt").exists()
+
+
+def test_soft_loss_is_t2_scaled_kl_teacher_to_student():
+    import torch.nn.functional as F
+
+    from combinekd.losses import soft_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    temperature = 2.0
+    expected = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                        log_target=True, reduction="none").sum(-1)[mask].mean() * temperature ** 2
+    assert soft_loss(s, t, mask, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):
+    """A 1-layer student copied from teacher layer 1 reproduces it: zero loss for [[1]], not for [[2]]."""
+    tokenizer = load_tokenizer(data_dir)
+
+    def layer_loss_for(group: int) -> float:
+        cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{
+            "model.d_model": 96, "model.encoder_layers": 1, "model.dropout": 0.0,
+            "distill.teacher_bf16": False, "distill.encoder.strategy": "groups",
+            "distill.encoder.groups": f"[[{group}]]", "distill.init_from_teacher.encoder": "[1]"})
+        with torch.no_grad():
+            return build_objective(cfg, tokenizer)(batch(data_dir))["layer_encoder"].item()
+
+    assert layer_loss_for(1) == pytest.approx(0.0, abs=1e-6)
+    assert layer_loss_for(2) > 1e-3
+
+
+def test_prepare_refuses_to_replace_a_foreign_directory(corpus, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a data dir made by combinekd"):
+        prepare_corpus(corpus, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_sequence_kd_resumes_after_a_cut_line(trained_model, data_dir, tmp_path):
+    from combinekd.seqkd import distill_data
+
+    teacher, _ = trained_model
+    out = tmp_path / "seqkd"
+    full = distill_data(teacher, data_dir, out, beam=1)
+    expected = (out / "train.tgt").read_text().splitlines()
+    # simulate an interruption: a finished chunk plus half a line, with the job file in place
+    partial, job = tmp_path / ".again.partial.tgt", tmp_path / ".again.partial.json"
+    settings = {"teacher": str(teacher.resolve()), "data": str(data_dir.resolve()), "beam": 1,
+                "train_bytes": (data_dir / "train.src").stat().st_size}
+    job.write_text(json.dumps(settings))
+    partial.write_text("\n".join(expected[:512]) + "\n" + expected[512][:3])
+    again = distill_data(teacher, data_dir, tmp_path / "again", beam=1)
+    assert again["pairs"] == full["pairs"]
+    assert (tmp_path / "again" / "train.tgt").read_text().splitlines() == expected

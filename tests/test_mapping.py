@@ -97,3 +97,12 @@ def test_cli_json_and_text(capsys):
                  "--groups", "[[1,9],[2]]"])
     err = capsys.readouterr().err
     assert code == 2 and "outside 1..6" in err and len(err.strip().splitlines()) == 1
+
+
+def test_groups_must_hold_layer_numbers(capsys):
+    code = main(["mapping", "--teacher-layers", "6", "--student-layers", "2", "--strategy", "groups",
+                 "--groups", '[[1,"a"],[2]]'])
+    assert code == 2 and "must be a list of layer numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mapping", "--teacher-layers", "0", "--student-layers", "2", "--strategy", "skip"])
+    assert exit_info.value.code == 2

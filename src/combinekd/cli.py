@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -72,11 +73,9 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     from combinekd.models import load_model
 
     model, tokenizer = load_model(args.model_dir)
-    lines = [line.rstrip("\n") for line in sys.stdin]
-    for start in range(0, len(lines), args.chunk):
-        for hyp in translate(model, tokenizer, lines[start:start + args.chunk], beam=args.beam,
-                             batch_size=args.batch_size):
-            print(hyp, flush=False)
+    while lines := [line.rstrip("\n") for line in itertools.islice(sys.stdin, args.chunk)]:
+        for hyp in translate(model, tokenizer, lines, beam=args.beam, batch_size=args.batch_size):
+            print(hyp)
         sys.stdout.flush()
     return 0
 
@@ -105,6 +104,13 @@ def _cmd_distill_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from combinekd.config import STRATEGIES
 
@@ -123,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="prefix: PREFIX.SRC and PREFIX.TGT")
     p.add_argument("--dev", required=True)
     p.add_argument("--test", default=None)
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=_positive, default=8000)
     p.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram")
     p.add_argument("--tokenizer-from", default=None, help="reuse a model dir's tokenizer (e.g. the teacher's)")
-    p.add_argument("--max-len", type=int, default=200, help="drop training pairs with a longer side (tokens)")
+    p.add_argument("--max-len", type=_positive, default=200, help="drop training pairs with a longer side (tokens)")
     p.add_argument("--max-ratio", type=float, default=3.0, help="drop training pairs with a larger length ratio")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_prepare)
@@ -141,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_dir")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test")
-    e.add_argument("--beam", type=int, default=5)
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--beam", type=_positive, default=5)
+    e.add_argument("--batch-size", type=_positive, default=32)
     e.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
     e.add_argument("--out", default=None, help="hypotheses file (default MODEL_DIR/SPLIT.hyp.LANG)")
     e.add_argument("--json", action="store_true")
@@ -152,22 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model_dirs", nargs="+")
     c.add_argument("--data", required=True)
     c.add_argument("--split", default="test")
-    c.add_argument("--beam", type=int, default=5)
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--beam", type=_positive, default=5)
+    c.add_argument("--batch-size", type=_positive, default=32)
     c.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_compare)
 
     tr = sub.add_parser("translate", help="translate stdin to stdout")
     tr.add_argument("model_dir")
-    tr.add_argument("--beam", type=int, default=5)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--chunk", type=int, default=1024, help="lines read before translating a chunk")
+    tr.add_argument("--beam", type=_positive, default=5)
+    tr.add_argument("--batch-size", type=_positive, default=32)
+    tr.add_argument("--chunk", type=_positive, default=1024, help="lines read before translating a chunk")
     tr.set_defaults(func=_cmd_translate)
 
     m = sub.add_parser("mapping", help="print the teacher-layer groups of a strategy")
-    m.add_argument("--teacher-layers", type=int, required=True)
-    m.add_argument("--student-layers", type=int, required=True)
+    m.add_argument("--teacher-layers", type=_positive, required=True)
+    m.add_argument("--student-layers", type=_positive, required=True)
     m.add_argument("--strategy", choices=STRATEGIES, required=True)
     m.add_argument("--groups", default=None, help="JSON list of lists, for --strategy groups")
     m.add_argument("--json", action="store_true")
@@ -177,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("teacher_dir")
     d.add_argument("--data", required=True)
     d.add_argument("--out", required=True)
-    d.add_argument("--beam", type=int, default=5)
-    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--beam", type=_positive, default=5)
+    d.add_argument("--batch-size", type=_positive, default=64)
     d.set_defaults(func=_cmd_distill_data)
     return parser
 
@@ -191,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"combinekd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable / unwritable paths, full disk
+        if isinstance(exc, BrokenPipeError):
+            return 0
+        print(f"combinekd: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"combinekd: error: input is not valid UTF-8 ({exc.reason})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("combinekd: interrupted", file=sys.stderr)

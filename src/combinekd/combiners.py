@@ -1,8 +1,8 @@
 """Combiners: turn the group of teacher layers {h_T^j : j in M(i)} into one target for h_S^i.
 
 Each combiner returns the pair ``(student, target)`` that the layer loss then compares; both have
-the same width. A projection between equal widths is the identity, so ``skip`` with equal teacher
-and student widths has no parameters and a student identical to its teacher has zero loss.
+the same width. Mapping one teacher layer to a student of the same width needs no projection, so
+``skip`` with equal widths has no parameters and a student identical to its teacher has zero loss.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class LinearCombiner(nn.Module):
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(group_size * teacher_dim, student_dim)
+        self.project = _projection(teacher_dim, student_dim) if group_size == 1 else \
+            nn.Linear(group_size * teacher_dim, student_dim, bias=False)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return student, self.project(torch.cat(teachers, dim=-1))
@@ -36,7 +37,8 @@ class StudentUpCombiner(nn.Module):
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(student_dim, group_size * teacher_dim)
+        self.project = _projection(student_dim, teacher_dim) if group_size == 1 else \
+            nn.Linear(student_dim, group_size * teacher_dim, bias=False)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.project(student), torch.cat(teachers, dim=-1)

@@ -37,7 +37,7 @@ def read_lines(path: str | Path) -> list[str]:
         raise UserError(f"file not found: {path}")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8") from None
@@ -222,7 +222,9 @@ def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | P
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it into place only if the block succeeds."""
-    target = Path(target)
+    target = Path(target).resolve()
+    if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
+        raise UserError(f"{target} exists and is not a data dir made by combinekd: choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)

@@ -62,8 +62,10 @@ class Distiller(nn.Module):
             groups = layer_groups(side_cfg.strategy, t_layers, s_layers, side_cfg.groups)
             sizes = [1] * len(groups) if side_cfg.strategy == "random" else [len(g) for g in groups]
             self.sides[side] = (side_cfg, groups)
-            self.combiners[side] = nn.ModuleList(
-                build_combiner(side_cfg.combiner, k, teacher.config.d_model, student.config.d_model) for k in sizes)
+            if self.w_layer > 0:  # no unused parameters (DDP would reject them)
+                self.combiners[side] = nn.ModuleList(
+                    build_combiner(side_cfg.combiner, k, teacher.config.d_model, student.config.d_model)
+                    for k in sizes)
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) / .float() also move the unregistered teacher
         if self.teacher is not None:
@@ -155,6 +157,9 @@ def build_objective(cfg: Config, tokenizer) -> Distiller:
     check_same_vocabulary(teacher_tokenizer, tokenizer, f"the teacher {cfg.distill.teacher}",
                           f"the data in {cfg.data_dir}")
     teacher.eval().requires_grad_(False)
+    if teacher.get_output_embeddings().out_features != student.get_output_embeddings().out_features:
+        raise UserError(f"the teacher {cfg.distill.teacher} predicts {teacher.get_output_embeddings().out_features} "
+                        f"tokens but the student's vocabulary has {len(tokenizer)}")
     if cfg.distill.init_from_teacher:
         init_from_teacher(student, teacher, cfg.distill.init_from_teacher)
     return Distiller(student, cfg, teacher)

@@ -72,6 +72,8 @@ def validate_groups(groups: Groups, teacher_layers: int, student_layers: int) ->
     if len(groups) != student_layers:
         raise UserError(f"layer groups: {len(groups)} groups given for {student_layers} student layers")
     for i, group in enumerate(groups, 1):
+        if not isinstance(group, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in group):
+            raise UserError(f"layer groups: the group for student layer {i} must be a list of layer numbers")
         if not group:
             raise UserError(f"layer groups: the group for student layer {i} is empty")
         bad = [j for j in group if not 1 <= j <= teacher_layers]

@@ -67,6 +67,8 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
         model = AutoModelForSeq2SeqLM.from_pretrained(str(path), attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
+    if torch.cuda.is_available():
+        model.to("cuda")
     return model, load_tokenizer(path)
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from combinekd.data import (Split, atomic_dir, encode, load_tokenizer, read_lines, read_meta, save_split,
                             split_text)
+from combinekd.errors import UserError
 from combinekd.evaluate import translate
 from combinekd.models import check_same_vocabulary, load_model
 
@@ -25,11 +26,19 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
     sources, _ = split_text(data_dir, "train")
     partial = out.with_name(f".{out.name}.partial.tgt")
     job = out.with_name(f".{out.name}.partial.json")
-    settings = {"teacher": str(Path(teacher_dir).resolve()), "data": str(data_dir.resolve()), "beam": beam}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train_src = data_dir / "train.src"
+    settings = {"teacher": str(Path(teacher_dir).resolve()), "data": str(data_dir.resolve()), "beam": beam,
+                "train_bytes": train_src.stat().st_size if train_src.is_file() else None}
     if not job.is_file() or json.loads(job.read_text(encoding="utf-8")) != settings:
         partial.unlink(missing_ok=True)  # a different job: start over
         job.write_text(json.dumps(settings), encoding="utf-8")
+    if partial.is_file():  # drop a line cut short by an interruption
+        text = partial.read_bytes()
+        partial.write_bytes(text[:text.rfind(b"\n") + 1])
     done = read_lines(partial) if partial.is_file() else []
+    if len(done) > len(sources):
+        raise UserError(f"{partial} has more lines than {data_dir}/train.src: delete it and rerun")
     with partial.open("a", encoding="utf-8") as sink, \
             tqdm(total=len(sources), initial=len(done), desc="teacher translations", unit="sent") as bar:
         for start in range(len(done), len(sources), chunk):
@@ -38,6 +47,8 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
             sink.flush()
             bar.update(len(hyps))
     targets = read_lines(partial)
+    if len(targets) != len(sources):
+        raise UserError(f"{partial}: {len(targets)} translations for {len(sources)} sources; delete it and rerun")
     keep = [i for i, t in enumerate(targets) if t.strip()]
     src_ids, tgt_ids = encode(tokenizer, [sources[i] for i in keep], [targets[i] for i in keep])
     with atomic_dir(out) as tmp:

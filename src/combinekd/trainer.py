@@ -93,6 +93,7 @@ def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchSt
              "python_random": _jsonable(random.getstate())}
     (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -112,9 +113,13 @@ def load_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchSt
         path = path.with_name(path.name + ".old")  # interrupted between the two renames
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"nothing to resume: no checkpoint in {path.parent}")
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    load_model(objective, str(path / "objective.safetensors"))
-    _load_optimizer(optimizer, path / "optimizer.safetensors", state["optimizer"])
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        load_model(objective, str(path / "objective.safetensors"))
+        _load_optimizer(optimizer, path / "optimizer.safetensors", state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise UserError(f"the checkpoint in {path} does not match this config (model shape, distill "
+                        f"strategy or combiner changed?): {str(exc).splitlines()[0]}") from None
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["stream"])
     rng = load_file(str(path / "rng.safetensors"))
