@@ -144,8 +144,10 @@ def test_init_from_teacher_copies_layers(data_dir, teacher_dir, tmp_path):
         "model.d_model": 96, "distill.init_from_teacher.encoder": "[2, 4]", "distill.init_from_teacher.decoder": "[1, 4]"})
     objective = build_objective(cfg, load_tokenizer(data_dir))
     s_enc, t_enc = objective.student.get_encoder().layers, objective.teacher.get_encoder().layers
-    assert torch.equal(s_enc[1].fc1.weight, t_enc[3].fc1.weight)
-    assert torch.equal(objective.student.get_decoder().layers[0].fc2.weight, objective.teacher.get_decoder().layers[0].fc2.weight)
+    assert objective.teacher.dtype == torch.bfloat16, "the frozen teacher is held in bf16 (teacher_bf16)"
+    assert torch.equal(s_enc[1].fc1.weight.bfloat16(), t_enc[3].fc1.weight)
+    assert torch.equal(objective.student.get_decoder().layers[0].fc2.weight.bfloat16(),
+                       objective.teacher.get_decoder().layers[0].fc2.weight)
     bad = kd_config(data_dir, tmp_path / "o", teacher_dir, **{"distill.init_from_teacher.encoder": "[1, 2]"})
     with pytest.raises(UserError, match="init_from_teacher needs the teacher's width"):
         build_objective(bad, load_tokenizer(data_dir))

@@ -1,44 +1,68 @@
 """Combiners: turn the group of teacher layers {h_T^j : j in M(i)} into one target for h_S^i.
 
-Each combiner returns the pair ``(student, target)`` that the layer loss then compares; both have
-the same width. Mapping one teacher layer to a student of the same width needs no projection, so
-``skip`` with equal widths has no parameters and a student identical to its teacher has zero loss.
+Each combiner returns the pair ``(student, target)`` that the layer loss then compares. One rule
+holds for all of them, because the student and any trainable map are optimised together:
+
+    the target is a parameter-free function of the teacher; a trainable map W, where widths or
+    group sizes need one, acts on the student side:  LayerLoss(N(W h_S^i), N(C(h_T^{M(i)}))).
+
+N is a per-position layer norm without parameters (zero mean, unit variance over the features;
+per teacher layer for a concatenation). A target that W could shape would let the loss be met by
+fitting W to whatever the student computes, or by shrinking both (the paper's form,
+``MSE(h_S, W [h_T^{j_1}; ...; h_T^{j_k}])`` with W trained jointly, does exactly that: see the
+README, "Why the paper's projection collapsed"). With a fixed, normalised target the loss reaches
+zero only when the student's states determine the teacher's, and a student that has learnt
+nothing scores about 1 under ``mse``. N also makes post-LN teachers (normalised states) and pre-LN
+teachers (a residual stream whose scale grows with depth) comparable, and lets no teacher layer
+of a group outweigh the others.
+
+One teacher layer of the student's width needs no map: ``skip`` between equal widths has no
+parameters, and a student identical to its teacher has zero loss.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def _projection(in_dim: int, out_dim: int) -> nn.Module:
+def normalize(x: torch.Tensor, width: int) -> torch.Tensor:
+    """N(x): parameter-free layer norm over each consecutive chunk of ``width`` features."""
+    chunks = x.float().unflatten(-1, (-1, width))
+    return F.layer_norm(chunks, (width,)).flatten(-2)
+
+
+def _map(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim, bias=False)
 
 
 class LinearCombiner(nn.Module):
-    """CKD as in the paper: concatenate the group, project linearly to the student width.
+    """CKD (the paper): concatenate the group, relate it to the student by a trainable linear map.
 
-    target = W [h_T^{j_1}; ...; h_T^{j_k}],   W in R^{d_S x k d_T}, compared with MSE."""
+    target = [N(h_T^{j_1}); ...; N(h_T^{j_k})],   student = N(W h_S^i),   W in R^{k d_T x d_S},
+    compared with MSE (the paper's loss). The paper puts W on the teacher side; here it maps the
+    student into the concatenation so that the target stays fixed (module docstring)."""
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(teacher_dim, student_dim) if group_size == 1 else \
-            nn.Linear(group_size * teacher_dim, student_dim, bias=False)
+        self.teacher_dim = teacher_dim
+        self.project = _map(student_dim, group_size * teacher_dim)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return student, self.project(torch.cat(teachers, dim=-1))
+        target = torch.cat([normalize(h, self.teacher_dim) for h in teachers], dim=-1)
+        return normalize(self.project(student), self.teacher_dim), target
 
 
 class StudentUpCombiner(nn.Module):
-    """CKD as in the authors' released code: project the *student* up to the group's width.
+    """CKD as in the authors' released code: project the student up to the concatenated group.
 
-    student' = W h_S^i, W in R^{k d_T x d_S}; target = [h_T^{j_1}; ...; h_T^{j_k}]; both are
-    L2-normalised by the ``normalized-mse`` layer loss."""
+    student = W h_S^i, W in R^{k d_T x d_S}; target = [h_T^{j_1}; ...; h_T^{j_k}]; both vectors are
+    L2-normalised as a whole by the ``normalized-mse`` layer loss (this combiner's default)."""
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(student_dim, teacher_dim) if group_size == 1 else \
-            nn.Linear(student_dim, group_size * teacher_dim, bias=False)
+        self.project = _map(student_dim, group_size * teacher_dim)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.project(student), torch.cat(teachers, dim=-1)
@@ -47,28 +71,34 @@ class StudentUpCombiner(nn.Module):
 class AttentionCombiner(nn.Module):
     """ALP-KD (Passban et al., 2021): attention over the group's layers, per position.
 
-    alpha_j = softmax_j(<h_S^i, P h_T^j> / sqrt(d_S)),   target = sum_j alpha_j P h_T^j."""
+    q = W h_S^i (W in R^{d_T x d_S}),  alpha_j = softmax_j(<N(q), N(h_T^j)> / sqrt(d_T)),
+    target = N(sum_j alpha_j N(h_T^j)),  student = N(q)."""
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(teacher_dim, student_dim)
+        self.teacher_dim = teacher_dim
+        self.project = _map(student_dim, teacher_dim)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        stacked = self.project(torch.stack(teachers, dim=-2))             # (batch, len, k, d_S)
-        scores = (stacked @ student.unsqueeze(-1)).squeeze(-1) / student.shape[-1] ** 0.5
-        weights = scores.softmax(dim=-1).unsqueeze(-1)                   # (batch, len, k, 1)
-        return student, (weights * stacked).sum(dim=-2)
+        query = normalize(self.project(student), self.teacher_dim)
+        keys = torch.stack([normalize(h, self.teacher_dim) for h in teachers], dim=-2)  # (batch, len, k, d_T)
+        scores = (keys @ query.unsqueeze(-1)).squeeze(-1) / self.teacher_dim ** 0.5
+        weights = scores.softmax(dim=-1).unsqueeze(-1)
+        return query, normalize((weights * keys).sum(dim=-2), self.teacher_dim)
 
 
 class MeanCombiner(nn.Module):
-    """Parameter-free baseline: the group's average (projected only when widths differ)."""
+    """Parameter-free target: the group's average.  target = N(mean_j N(h_T^j)),  student = N(W h_S^i)
+    (W only when the widths differ)."""
 
     def __init__(self, group_size: int, teacher_dim: int, student_dim: int):
         super().__init__()
-        self.project = _projection(teacher_dim, student_dim)
+        self.teacher_dim = teacher_dim
+        self.project = _map(student_dim, teacher_dim)
 
     def forward(self, student: torch.Tensor, teachers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return student, self.project(torch.stack(teachers, dim=0).mean(dim=0))
+        mean = torch.stack([normalize(h, self.teacher_dim) for h in teachers]).mean(0)
+        return normalize(self.project(student), self.teacher_dim), normalize(mean, self.teacher_dim)
 
 
 COMBINERS: dict[str, type[nn.Module]] = {"linear": LinearCombiner, "student-up": StudentUpCombiner,

@@ -31,9 +31,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
-    """Transformer shape (Marian architecture, tied and shared embeddings)."""
+ARCHITECTURES = ("pre-ln", "post-ln")
 
+
+class ModelConfig(_Strict):
+    """Transformer shape, tied and shared embeddings, sinusoidal positions.
+
+    ``arch``: ``pre-ln`` (layer norm before each sub-layer plus a final one; transformers' Pegasus
+    classes) trains deep models stably at a high learning rate with a short warm-up; ``post-ln``
+    (transformers' Marian classes, the original Transformer and the paper's) needs a lower rate and
+    a longer warm-up when deep. Both load in ``pipeline("translation")`` and convert to CTranslate2."""
+
+    arch: Literal[ARCHITECTURES] = "pre-ln"  # type: ignore[valid-type]
     encoder_layers: int = Field(6, ge=1)
     decoder_layers: int = Field(6, ge=1)
     d_model: int = Field(512, ge=8)
@@ -106,7 +115,7 @@ class DistillConfig(_Strict):
     w_layer: float = Field(0.7, ge=0.0, description="intermediate-layer (PKD / CKD) loss")
     w_attn: float = Field(0.0, ge=0.0, description="attention-map loss on the mapped layers")
     temperature: float = Field(1.0, gt=0.0)
-    teacher_bf16: bool = Field(True, description="run the frozen teacher under bf16 autocast")
+    teacher_bf16: bool = Field(True, description="hold the frozen teacher in bf16 (CPU with AMX, or GPU)")
     encoder: SideConfig | None = Field(default_factory=SideConfig)
     decoder: SideConfig | None = None
     init_from_teacher: InitConfig | None = None

@@ -18,7 +18,7 @@ from torch import nn
 from combinekd.combiners import build_combiner
 from combinekd.config import Config, InitConfig, SideConfig
 from combinekd.errors import UserError
-from combinekd.losses import attention_loss, hard_loss, layer_loss, soft_loss
+from combinekd.losses import attention_loss, hard_loss, layer_loss, masked_mean, soft_loss
 from combinekd.mapping import Groups, describe, layer_groups, random_groups
 
 SIDES = ("encoder", "decoder")
@@ -49,9 +49,9 @@ class Distiller(nn.Module):
         self.w_layer = d.w_layer if d and teacher is not None else 0.0
         self.w_attn = d.w_attn if d and teacher is not None else 0.0
         self.temperature = d.temperature if d else 1.0
-        self.teacher_bf16 = d.teacher_bf16 if d else False
         self.sides: dict[str, tuple[SideConfig, Groups]] = {}
         self.combiners = nn.ModuleDict()
+        self._taps: dict[str, LayerTaps] = {}
         if teacher is None or (self.w_layer == 0 and self.w_attn == 0):
             return
         for side in SIDES:
@@ -66,6 +66,9 @@ class Distiller(nn.Module):
                 self.combiners[side] = nn.ModuleList(
                     build_combiner(side_cfg.combiner, k, teacher.config.d_model, student.config.d_model)
                     for k in sizes)
+                wanted = set(range(1, t_layers + 1)) if side_cfg.strategy == "random" else set().union(*groups)
+                self._taps[f"teacher_{side}"] = LayerTaps(layer_stack(teacher, side), wanted)
+                self._taps[f"student_{side}"] = LayerTaps(layer_stack(student, side), set(range(1, s_layers + 1)))
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) / .float() also move the unregistered teacher
         if self.teacher is not None:
@@ -84,16 +87,18 @@ class Distiller(nn.Module):
         return lines
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"loss": weighted sum, "hard"/"soft"/"layer_SIDE"/"attn_SIDE": the terms,
+        "SIDEi/...": per-student-layer diagnostics}`` for one batch."""
         labels, mask_src = batch["labels"], batch["attention_mask"].bool()
         mask_tgt = labels != -100
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "decoder_input_ids": self.student.prepare_decoder_input_ids_from_labels(labels=labels),
-                  "output_hidden_states": bool(self.sides) and self.w_layer > 0,
                   "output_attentions": bool(self.sides) and self.w_attn > 0}
         out_s = self.student(**inputs)
         parts = {"hard": hard_loss(out_s.logits, labels, self.label_smoothing)}
+        stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if self.teacher is not None:
-            with torch.no_grad(), torch.autocast(out_s.logits.device.type, torch.bfloat16, enabled=self.teacher_bf16):
+            with torch.no_grad():
                 out_t = self.teacher(**inputs)
             if self.w_soft:
                 parts["soft"] = soft_loss(out_s.logits, out_t.logits, mask_tgt, self.temperature)
@@ -101,11 +106,15 @@ class Distiller(nn.Module):
             for side, (side_cfg, groups) in self.sides.items():
                 if side_cfg.strategy == "random":
                     groups = random_groups(len(groups[0]), len(groups), _TorchRandom())
-                if inputs["output_hidden_states"]:
-                    h_s, h_t = getattr(out_s, f"{side}_hidden_states"), getattr(out_t, f"{side}_hidden_states")
-                    parts[f"layer_{side}"] = sum(
-                        layer_loss(*combine(h_s[i], [h_t[j] for j in group]), masks[side], side_cfg.loss)
-                        for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1))
+                if side in self.combiners:
+                    h_s, h_t = self._taps[f"student_{side}"].pop(), self._taps[f"teacher_{side}"].pop()
+                    per_layer = []
+                    for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1):
+                        student_i, target_i = combine(h_s[i], [h_t[j] for j in group])
+                        per_layer.append(layer_loss(student_i, target_i, masks[side], side_cfg.loss))
+                        stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], target_i, combine,
+                                                  masks[side]))
+                    parts[f"layer_{side}"] = sum(per_layer)
                 if inputs["output_attentions"]:
                     a_s, a_t = getattr(out_s, f"{side}_attentions"), getattr(out_t, f"{side}_attentions")
                     parts[f"attn_{side}"] = sum(
@@ -113,7 +122,51 @@ class Distiller(nn.Module):
                         for i, group in enumerate(groups, 1))
         weights = {"hard": self.w_hard, "soft": self.w_soft, "layer": self.w_layer, "attn": self.w_attn}
         parts["loss"] = sum(weights[name.split("_")[0]] * value for name, value in parts.items())
-        return parts
+        return {**parts, **stats}
+
+
+class LayerTaps:
+    """The outputs of chosen layers (1-based) of one layer stack, kept by forward hooks.
+
+    Every architecture's layer output is the residual stream before any final layer norm, so
+    h^i means the same thing for pre-LN and post-LN models, and only the mapped layers are kept."""
+
+    def __init__(self, layers: nn.ModuleList, wanted: set[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        for j in sorted(wanted):
+            layers[j - 1].register_forward_hook(self._keep(j))
+
+    def _keep(self, j: int):
+        def hook(module, args, output):
+            self.outputs[j] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def pop(self) -> dict[int, torch.Tensor]:
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+
+def layer_stack(model: nn.Module, side: str) -> nn.ModuleList:
+    """The encoder's or decoder's list of layers of a HF seq2seq model (``.layers``; T5: ``.block``)."""
+    stack = model.get_encoder() if side == "encoder" else model.get_decoder()
+    for name in ("layers", "block"):
+        if isinstance(getattr(stack, name, None), nn.ModuleList):
+            return getattr(stack, name)
+    raise UserError(f"cannot find the {side} layers of a `{model.config.model_type}` model")
+
+
+@torch.no_grad()
+def _layer_stats(name: str, loss: torch.Tensor, student: torch.Tensor, target: torch.Tensor, combiner: nn.Module,
+                 mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What makes a collapsing or trivially met layer loss visible in the log: the loss of this student
+    layer, the RMS of its hidden states and of the target it is compared with, the combiner's weight norm."""
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean(x.float().pow(2).mean(-1), mask).sqrt()
+
+    weights = [p.float().norm() for p in combiner.parameters()]
+    return {f"{name}/layer_loss": loss.detach(), f"{name}/rms_student": rms(student),
+            f"{name}/rms_target": rms(target),
+            f"{name}/combiner_norm": torch.stack(weights).norm() if weights else torch.zeros(())}
 
 
 class _TorchRandom:
@@ -132,8 +185,7 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, init: InitConfig) 
             chosen = getattr(init, side)
             if not chosen:
                 continue
-            s_layers = getattr(student.get_encoder() if side == "encoder" else student.get_decoder(), "layers")
-            t_layers = getattr(teacher.get_encoder() if side == "encoder" else teacher.get_decoder(), "layers")
+            s_layers, t_layers = layer_stack(student, side), layer_stack(teacher, side)
             if len(chosen) != len(s_layers) or not all(1 <= j <= len(t_layers) for j in chosen):
                 raise UserError(f"init_from_teacher.{side}: give {len(s_layers)} teacher layers within "
                                 f"1..{len(t_layers)}, got {chosen}")
@@ -162,4 +214,6 @@ def build_objective(cfg: Config, tokenizer) -> Distiller:
                         f"tokens but the student's vocabulary has {len(tokenizer)}")
     if cfg.distill.init_from_teacher:
         init_from_teacher(student, teacher, cfg.distill.init_from_teacher)
+    if cfg.distill.teacher_bf16:  # bf16 weights: no autocast round trips on every forward
+        teacher.to(torch.bfloat16)
     return Distiller(student, cfg, teacher)

@@ -21,21 +21,29 @@ def _quiet_transformers() -> None:
 
 
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
-    """A randomly initialised Marian Transformer with tied, shared source/target embeddings."""
-    from transformers import MarianConfig, MarianMTModel
+    """A randomly initialised encoder-decoder Transformer with tied, shared source/target embeddings.
+
+    ``post-ln`` is transformers' Marian; ``pre-ln`` is transformers' Pegasus (Marian's layout with
+    the layer norm before each sub-layer and a final layer norm per stack). Both start decoding
+    from the pad token, as CTranslate2's converters expect."""
+    from transformers import MarianConfig, MarianMTModel, PegasusConfig, PegasusForConditionalGeneration
 
     _quiet_transformers()
     pad = tokenizer.pad_token_id
-    config = MarianConfig(
-        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), d_model=cfg.d_model,
+    shape = dict(
+        vocab_size=len(tokenizer), d_model=cfg.d_model,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
         encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
         encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
         attention_dropout=0.0, activation_dropout=0.0, activation_function="swish",
-        max_position_embeddings=cfg.max_length, scale_embedding=True, share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=pad, forced_eos_token_id=tokenizer.eos_token_id)
-    model = MarianMTModel(config)
+        max_position_embeddings=cfg.max_length, scale_embedding=True, tie_word_embeddings=True,
+        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=pad,
+        forced_eos_token_id=tokenizer.eos_token_id)
+    if cfg.arch == "pre-ln":
+        model = PegasusForConditionalGeneration(PegasusConfig(**shape))
+    else:
+        model = MarianMTModel(MarianConfig(decoder_vocab_size=len(tokenizer),
+                                           share_encoder_decoder_embeddings=True, **shape))
     # Vaswani et al. / fairseq initialisation for training from scratch: token embeddings with std
     # d^-0.5 (times the sqrt(d) embedding scale gives unit scale, like the sinusoidal positions; HF's
     # fine-tuning default of 0.02 drowns the tokens in the positions) and Xavier-uniform projections.

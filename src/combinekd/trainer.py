@@ -221,15 +221,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
     window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
     stopped_early = False
     while progress["step"] < cfg.train.max_steps:
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         for micro in range(cfg.train.grad_accum):
             batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
             sync = micro == cfg.train.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 output = model(batch)
                 accelerator.backward(output["loss"] / cfg.train.grad_accum)
-            for key, value in output.items():
-                parts[key] = parts.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
+            for key, value in output.items():  # tensors: turned into floats only when logged
+                parts[key] = parts.get(key, 0.0) + value.detach() / cfg.train.grad_accum
             window_tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes
         if cfg.train.clip_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
@@ -241,7 +241,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         for key, value in parts.items():
             window_sums[key] = window_sums.get(key, 0.0) + value
         bar.update(1)
-        if not math.isfinite(parts["loss"]):
+        if not math.isfinite(float(parts["loss"])):
             raise UserError(f"the loss became {parts['loss']} at step {progress['step']}: lower train.lr "
                             "or raise train.warmup_steps")
         step = progress["step"]
@@ -249,7 +249,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             seconds = time.perf_counter() - window_start
             progress["train_seconds"] += seconds
             progress["target_tokens"] += window_tokens
-            entry = {"step": step, **{k: round(v / window_n, 5) for k, v in window_sums.items()},
+            entry = {"step": step, **{k: round(float(v) / window_n, 5) for k, v in window_sums.items()},
                      "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(window_tokens / max(seconds, 1e-9), 1), "epoch": stream.epoch}
             record(entry)
@@ -290,7 +290,7 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
         else:
             progress["bad_evals"] += 1
         record({"step": progress["step"], **{k: round(v, 4) for k, v in scores.items()},
-                "best_dev_bleu": progress["best_bleu"]})
+                "best_dev_bleu": progress["best_bleu"], "train_seconds": round(progress["train_seconds"], 1)})
         from tqdm import tqdm
 
         tqdm.write(f"step {progress['step']}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
