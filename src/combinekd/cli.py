@@ -48,7 +48,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from combinekd.evaluate import evaluate
 
     result = evaluate(args.model_dir, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
-                      batch_size=args.batch_size, out=args.out)
+                      batch_size=args.batch_size, out=args.out, limit=args.limit)
     if args.json:
         print(json.dumps(result))
     else:
@@ -63,7 +63,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from combinekd.evaluate import compare, markdown_table
 
     results = compare(args.model_dirs, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(results) if args.json else markdown_table(results) + f"\n{results[0]['signature']}")
     return 0
 
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam", type=_positive, default=5)
     e.add_argument("--batch-size", type=_positive, default=32)
     e.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
+    e.add_argument("--limit", type=_positive, default=None, help="score only the split's first N sentences")
     e.add_argument("--out", default=None, help="hypotheses file (default MODEL_DIR/SPLIT.hyp.LANG)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--beam", type=_positive, default=5)
     c.add_argument("--batch-size", type=_positive, default=32)
     c.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
+    c.add_argument("--limit", type=_positive, default=None, help="score only the split's first N sentences")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_compare)
 

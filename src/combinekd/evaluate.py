@@ -61,10 +61,10 @@ def paired_bootstrap(systems: dict[str, Sequence[str]], refs: Sequence[Sequence[
 
 
 def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", beam: int = 5,
-            extra_refs: Sequence[str | Path] = (), batch_size: int = 32) -> list[dict]:
+            extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None) -> list[dict]:
     """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
-    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size) for m in model_dirs]
-    refs = [split_text(data_dir, split)[1]] + [read_lines(p) for p in extra_refs]
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit) for m in model_dirs]
+    refs = [split_text(data_dir, split)[1][:limit]] + [read_lines(p)[:limit] for p in extra_refs]
     systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
     significance = paired_bootstrap(systems, refs) if len(systems) > 1 else {}
     for i, (model, result) in enumerate(zip(model_dirs, results)):
@@ -87,8 +87,10 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", beam: int = 5,
-             extra_refs: Sequence[str | Path] = (), batch_size: int = 32, out: str | Path | None = None) -> dict:
-    """Translate a prepared split with the model in model_dir, score it, write the hypotheses."""
+             extra_refs: Sequence[str | Path] = (), batch_size: int = 32, out: str | Path | None = None,
+             limit: int | None = None) -> dict:
+    """Translate a prepared split (or its first ``limit`` sentences) with the model in model_dir, score it,
+    write the hypotheses."""
     from combinekd.models import count_parameters, load_model
 
     meta = read_meta(data_dir)
@@ -101,6 +103,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
         if len(lines) != len(sources):
             raise UserError(f"{path} has {len(lines)} lines but the {split} split has {len(sources)}")
         refs.append(lines)
+    sources, refs = sources[:limit], [r[:limit] for r in refs]
     model, tokenizer = load_model(model_dir)
     start = time.perf_counter()
     hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)

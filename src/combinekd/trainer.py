@@ -142,10 +142,11 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
     for indices in token_batches([len(s) for s in dev.src], [len(t) for t in dev.tgt], cfg.train.max_tokens,
                                  shuffle=False):
         batch = {k: v.to(student.device) for k, v in collate(dev, indices, tokenizer.pad_token_id).items()}
+        labels = batch.pop("labels")  # one forward: the model does not compute its own loss as well
         with autocast():
-            logits = student(**batch).logits.float()
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="sum").item()
-        tokens += int((batch["labels"] != -100).sum())
+            logits = student(**batch, decoder_input_ids=student.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+        total += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum").item()
+        tokens += int((labels != -100).sum())
     sources, refs = dev_text
     if cfg.train.eval_max_sentences:
         sources, refs = sources[:cfg.train.eval_max_sentences], refs[:cfg.train.eval_max_sentences]

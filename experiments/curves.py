@@ -1,0 +1,80 @@
+"""Dev BLEU against training time for several runs: a PNG and a Markdown/JSON table.
+
+    python experiments/curves.py RUN_DIR [RUN_DIR ...] --png docs/x.png --md results/x.md [--title T]
+
+Reads each run's train_log.jsonl (validation entries carry ``train_seconds``, the training time so
+far, validation excluded) and train_config.yaml. The table gives per run: architecture, shape, lr,
+warm-up, batch tokens, updates, best dev BLEU (and when), training minutes, and dev BLEU per
+CPU-hour at the best point (minutes x threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def read_run(run: Path) -> dict:
+    cfg = yaml.safe_load((run / "train_config.yaml").read_text(encoding="utf-8"))
+    evals = [e for e in map(json.loads, (run / "train_log.jsonl").read_text(encoding="utf-8").splitlines())
+             if "dev_bleu" in e and "train_seconds" in e]
+    evals = list({e["step"]: e for e in evals}.values())  # a resumed run may repeat a step
+    return {"name": run.name, "cfg": cfg, "evals": evals}
+
+
+def summary(run: dict) -> dict:
+    m, t = run["cfg"]["model"], run["cfg"]["train"]
+    best = max(run["evals"], key=lambda e: e["dev_bleu"]) if run["evals"] else None
+    threads = t.get("threads") or 2
+    minutes = best["train_seconds"] / 60 if best else 0.0
+    return {"run": run["name"], "arch": m.get("arch", "post-ln"),
+            "shape": f"{m['encoder_layers']}+{m['decoder_layers']} d{m['d_model']} ffn{m['ffn_dim']}",
+            "lr": t["lr"], "warmup": t["warmup_steps"], "max_tokens": t["max_tokens"], "dropout": m["dropout"],
+            "threads": threads, "updates": run["evals"][-1]["step"] if run["evals"] else 0,
+            "best_dev_bleu": best["dev_bleu"] if best else None, "best_step": best["step"] if best else None,
+            "best_minutes": round(minutes, 1), "last_dev_loss": run["evals"][-1]["dev_loss"] if run["evals"] else None,
+            "bleu_per_cpu_hour": round(best["dev_bleu"] / (minutes * threads / 60), 2) if best and minutes else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--png", type=Path, required=True)
+    parser.add_argument("--md", type=Path, required=True)
+    parser.add_argument("--title", default="dev BLEU against CPU time")
+    args = parser.parse_args()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(r) for r in args.runs]
+    rows = [summary(r) for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, row in zip(runs, rows):
+        ax.plot([e["train_seconds"] / 60 * row["threads"] for e in run["evals"]], [e["dev_bleu"] for e in run["evals"]],
+                marker="o", label=f"{row['run']}")
+    ax.set_xlabel("CPU-minutes of training (wall minutes x threads, validation excluded)")
+    ax.set_ylabel("dev BLEU (greedy)")
+    ax.set_title(args.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+
+    cols = ["run", "arch", "shape", "lr", "warmup", "max_tokens", "dropout", "threads", "updates", "best_dev_bleu",
+            "best_step", "best_minutes", "bleu_per_cpu_hour", "last_dev_loss"]
+    lines = [f"# {args.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    args.md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.md.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
