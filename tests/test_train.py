@@ -138,3 +138,23 @@ def test_compare_prints_a_table_with_bootstrap(trained_model, data_dir, capsys):
     assert len(rows) == 2 and rows[0]["bleu"] == rows[1]["bleu"]
     assert rows[0]["bootstrap"]["p_value"] is None  # the baseline
     assert 0 < rows[1]["bootstrap"]["p_value"] <= 1 and rows[1]["bootstrap"]["ci"] is not None
+
+
+def test_compare_limit_scores_the_first_sentences(trained_model, data_dir, capsys):
+    out, _ = trained_model
+    assert main(["compare", str(out), "--data", str(data_dir), "--beam", "1", "--limit", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["n_sentences"] == 7
+
+
+def test_weight_presets_fill_only_missing_weights():
+    base = {"data_dir": "d", "output_dir": "o"}
+    paper = load_config(None, ["distill.teacher=t", "distill.weights=paper", "distill.w_soft=0.9"], base=base)
+    assert (paper.distill.w_hard, paper.distill.w_soft, paper.distill.w_layer) == (0.1, 0.9, 0.7)
+    default = load_config(None, ["distill.teacher=t"], base=base).distill
+    from combinekd.config import WEIGHT_PRESETS
+
+    assert default.weights == "combinekd"
+    assert {k: getattr(default, k) for k in WEIGHT_PRESETS["combinekd"]} == WEIGHT_PRESETS["combinekd"]
+    # a saved config (weights written out) loads back to the same weights
+    assert load_config(None, [f"distill.{k}={v}" for k, v in paper.distill.model_dump(mode="json").items()
+                              if k.startswith("w_")] + ["distill.teacher=t"], base=base).distill.w_soft == 0.9

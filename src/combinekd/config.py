@@ -106,19 +106,37 @@ class InitConfig(_Strict):
     decoder: list[int] | None = None
 
 
+WEIGHT_PRESETS: dict[str, dict[str, float]] = {
+    # Wu et al. (2020), for converged 6+6 -> 2+2 students on WMT-size data
+    "paper": {"w_hard": 0.1, "w_soft": 0.2, "w_layer": 0.7},
+    # chosen on dev BLEU for short-budget CPU students (README, "How the default weights were chosen")
+    "combinekd": {"w_hard": 0.5, "w_soft": 0.5, "w_layer": 1.0},
+}
+
+
 class DistillConfig(_Strict):
-    """Knowledge distillation from a frozen teacher (paper defaults: encoder-side layer KD only)."""
+    """Knowledge distillation from a frozen teacher (paper defaults: encoder-side layer KD only).
+
+    ``weights`` names a preset for ``w_hard``/``w_soft``/``w_layer``; a weight given explicitly wins."""
 
     teacher: Path
-    w_hard: float = Field(0.1, ge=0.0, description="label-smoothed cross-entropy with the gold targets")
-    w_soft: float = Field(0.2, ge=0.0, description="word-level KD: T^2 * KL(teacher || student)")
-    w_layer: float = Field(0.7, ge=0.0, description="intermediate-layer (PKD / CKD) loss")
+    weights: Literal[tuple(WEIGHT_PRESETS)] = "combinekd"  # type: ignore[valid-type]
+    w_hard: float | None = Field(None, ge=0.0, description="label-smoothed cross-entropy with the gold targets")
+    w_soft: float | None = Field(None, ge=0.0, description="word-level KD: T^2 * KL(teacher || student)")
+    w_layer: float | None = Field(None, ge=0.0, description="intermediate-layer (PKD / CKD) loss")
     w_attn: float = Field(0.0, ge=0.0, description="attention-map loss on the mapped layers")
     temperature: float = Field(1.0, gt=0.0)
     teacher_bf16: bool = Field(True, description="hold the frozen teacher in bf16 (CPU with AMX, or GPU)")
     encoder: SideConfig | None = Field(default_factory=SideConfig)
     decoder: SideConfig | None = None
     init_from_teacher: InitConfig | None = None
+
+    @model_validator(mode="after")
+    def _weights_from_preset(self) -> DistillConfig:
+        for key, value in WEIGHT_PRESETS[self.weights].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
 
 
 class Config(_Strict):
