@@ -90,6 +90,11 @@ def test_evaluate_checks_out_before_decoding_and_names_it(model_dir, data_dir, t
     assert "is a directory" in one_line_error(capsys)
 
 
+def test_compare_checks_every_model_before_decoding(model_dir, data_dir, tmp_path, capsys, no_decoding):
+    assert main(["compare", str(model_dir), str(tmp_path / "missing"), "--data", str(data_dir)]) == 2
+    assert "no model found" in one_line_error(capsys)
+
+
 # ----------------------------------------------------------------------------- 2. no lost work
 def test_train_refuses_a_folder_that_is_not_a_combinekd_run(data_dir, tmp_path, capsys):
     mine = tmp_path / "mine"

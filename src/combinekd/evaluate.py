@@ -88,13 +88,24 @@ def check_languages(model_dir: str | Path, data_dir: str | Path, meta: dict) -> 
                     "check the model and --data, or add --force if the languages are the same")
 
 
-def check_hypotheses_path(path: Path) -> None:
-    """Refuse a hypotheses file we could not write, before decoding."""
-    if path.is_dir():
-        raise UserError(f"--out {path} is a directory: give a file name")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {path.parent} not found")
-    check_writable(path)
+def hypotheses_path(model_dir: str | Path, split: str, meta: dict, out: str | Path | None = None) -> Path:
+    """Where evaluate writes the hypotheses: ``out``, or MODEL_DIR/SPLIT.hyp.TGT."""
+    return Path(out) if out else Path(model_dir) / f"{split}.hyp.{meta['tgt_lang']}"
+
+
+def check_before_decoding(model_dir: str | Path, data_dir: str | Path, meta: dict, out: Path, force: bool) -> None:
+    """Everything evaluate can refuse before it decodes: the model dir, its languages (unless
+    ``force``) and the hypotheses file."""
+    from combinekd.models import check_model_dir
+
+    check_model_dir(model_dir)
+    if not force:
+        check_languages(model_dir, data_dir, meta)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: give a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {out.parent} not found")
+    check_writable(out)
 
 
 def corpus_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict:
@@ -125,11 +136,10 @@ def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str =
             extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None,
             force: bool = False) -> list[dict]:
     """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
-    if not force:
-        meta = read_meta(data_dir)
-        for model_dir in model_dirs:  # every model, before the first one decodes
-            check_languages(model_dir, data_dir, meta)
-    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=True)
+    meta = read_meta(data_dir)
+    for model_dir in model_dirs:  # every model, before the first one decodes
+        check_before_decoding(model_dir, data_dir, meta, hypotheses_path(model_dir, split, meta), force)
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force)
                for m in model_dirs]
     refs = [split_text(data_dir, split)[1][:limit]] + [read_lines(p)[:limit] for p in extra_refs]
     systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
@@ -173,11 +183,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
             raise UserError(f"{path} has {len(lines)} lines but the {split} split has {len(sources)}")
         refs.append(lines)
     sources, refs = sources[:limit], [r[:limit] for r in refs]
-    if not force:
-        check_languages(model_dir, data_dir, meta)
+    out_path = hypotheses_path(model_dir, split, meta, out)
+    check_before_decoding(model_dir, data_dir, meta, out_path, force)
     model, tokenizer = load_model(model_dir)
-    out_path = Path(out) if out else Path(model_dir) / f"{split}.hyp.{meta['tgt_lang']}"
-    check_hypotheses_path(out_path)
     if cut := too_long(model, tokenizer, sources):
         warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {max_positions(model)} "
              f"tokens {model_dir} reads: their ends are not translated")

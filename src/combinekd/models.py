@@ -69,9 +69,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
 
     _quiet_transformers()
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)"
-                        f"{hub_hint(path)}")
+    check_model_dir(path)
     tokenizer = load_tokenizer(path)  # first: a dir without one fails before the weights are read
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(str(path), attn_implementation=attn_implementation)
@@ -83,6 +81,13 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
     if limit:  # model dirs saved before the tokenizer recorded the model's limit
         tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
     return model, tokenizer
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Refuse a path that is not a Hugging Face model dir (with a hint when it looks like a Hub id)."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)"
+                        f"{hub_hint(path)}")
 
 
 def max_positions(model) -> int | None:
