@@ -1,5 +1,11 @@
 # combinekd: `make demo` (set up + the whole pipeline on the sample corpus), `make test`.
-PYTHON ?= python3
+#
+# TORCH_INDEX: the wheel index torch is installed from; empty (the default) means pip's own choice,
+# which on these machines is a CPU wheel found locally. From the public PyPI, Linux gets a CUDA build;
+# for a CPU-only build:  make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (a GPU user picks the wheel for the local CUDA, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126).
+PYTHON      ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 CKD    := $(VENV)/bin/combinekd
@@ -10,10 +16,11 @@ DEMO   := demo
 
 install: $(STAMP)
 
-# torch==2.13.0 first, on its own: on these machines pip takes the CPU wheel from local disk.
+# A venv without a working pip (an interrupted `python -m venv`) is removed and made again.
+# torch==2.13.0 first, on its own, from TORCH_INDEX when set.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -28,7 +28,7 @@ def small_corpus(tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     (lambda c: (c / "train.yy").write_text("v1\n", encoding="utf-8"), "has 200 lines but"),
     (lambda c: (c / "dev.xx").write_bytes(b"w1 w2\n\xff\xfe broken\n" + b"w3\n" * 8), "dev.xx:2: not valid UTF-8"),
-    (lambda c: (c / "train.xx").write_text("w1\n \n" + "w2\n" * 198, encoding="utf-8"), "train.xx:2: empty segment"),
+    (lambda c: (c / "dev.xx").write_text("w1\n \n" + "w2\n" * 8, encoding="utf-8"), "dev.xx:2: empty segment"),
     (lambda c: (c / "test.yy").unlink(), "file not found"),
 ])
 def test_bad_corpus_is_one_line_and_exit_2(small_corpus, tmp_path, capsys, breakage, message):

