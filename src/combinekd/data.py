@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir
 
 SPLITS = ("train", "dev", "test")
 
@@ -193,7 +191,7 @@ def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | P
             spm_type: str = "unigram") -> dict:
     """Validate the corpus, train (or reuse) the tokenizer, filter training pairs, write DATADIR."""
     corpora = {name: read_parallel(prefix, src_lang, tgt_lang) for name, prefix in prefixes.items()}
-    with atomic_dir(out) as tmp:
+    with data_dir_writer(out) as tmp:
         if tokenizer_from is not None:
             tokenizer = load_tokenizer(tokenizer_from)
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -220,25 +218,13 @@ def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | P
 
 
 @contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and move it into place only if the block succeeds."""
+def data_dir_writer(target: str | Path) -> Iterator[Path]:
+    """:func:`files.atomic_dir` for a DATADIR: refuses to replace a directory that is not one."""
     target = Path(target).resolve()
     if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
         raise UserError(f"{target} exists and is not a data dir made by combinekd: choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; it becomes the user's directory
-    try:
+    with atomic_dir(target) as tmp:
         yield tmp
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from combinekd.config import ModelConfig
 from combinekd.data import load_tokenizer, tokenizer_fingerprint
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir
 
 
 def _quiet_transformers() -> None:
@@ -81,15 +81,12 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
-    """Write a standard HF model dir (safetensors weights + tokenizer), each file replaced atomically."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    staging = path / ".saving"
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    for item in staging.iterdir():
-        os.replace(item, path / item.name)
-    staging.rmdir()
+    """Write a standard HF model dir (safetensors weights + tokenizer); its other files are kept.
+
+    The files are staged and moved into place together (files.atomic_dir)."""
+    with atomic_dir(path, merge=True) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
 
 
 def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) -> None:
