@@ -93,6 +93,8 @@ class TrainConfig(_Strict):
     eval_max_sentences: int = Field(0, ge=0, description="0 = the whole dev set")
     patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
     log_every: int = Field(50, ge=1, description="log losses and speed every N updates")
+    max_bad_steps: int = Field(5, ge=1, description="an update whose loss is not finite (NaN/inf) is skipped "
+                               "and logged; the run stops after this many in a row")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
 
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
 import re
-import shutil
+import os
 import sys
-import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir
 
 SPLITS = ("train", "dev", "test")
 LARGE_CORPUS = 100_000  # pairs; prepare shows its progress from this size on
@@ -262,7 +261,7 @@ def prepare(src_lang: str, tgt_lang: str, prefixes: dict[str, str], out: str | P
     check_data_out(out, overwrite)
     corpora = {name: read_parallel(prefix, src_lang, tgt_lang, drop_empty=name == "train")
                for name, prefix in prefixes.items()}
-    with atomic_dir(out, overwrite) as tmp:
+    with data_dir_writer(out, overwrite) as tmp:
         if tokenizer_from is not None:
             tokenizer = load_tokenizer(tokenizer_from)
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -317,26 +316,12 @@ def check_data_out(target: str | Path, overwrite: bool = False) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and move it into place only if the block succeeds.
-
-    An existing DATADIR at ``target`` is replaced only with ``overwrite`` (see :func:`check_data_out`)."""
+def data_dir_writer(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`files.atomic_dir` for a DATADIR: refuses a foreign directory, and an existing DATADIR
+    unless ``overwrite`` (see :func:`check_data_out`)."""
     check_data_out(target, overwrite)
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; it becomes the user's directory
-    try:
+    with atomic_dir(Path(target).resolve()) as tmp:
         yield tmp
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -12,6 +12,7 @@ import torch
 
 from combinekd.data import check_writable, read_lines, read_meta, split_text
 from combinekd.errors import UserError, warn
+from combinekd.files import atomic_file
 
 
 @torch.no_grad()
@@ -192,9 +193,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     start = time.perf_counter()
     hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - start
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    tmp.replace(out_path)
+    with atomic_file(out_path) as staged:
+        staged.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
             "params": count_parameters(model), "beam": beam, "split": split, "hypotheses": str(out_path),
             "decode_seconds": round(seconds, 2), "sentences_per_s": round(len(sources) / seconds, 2)}

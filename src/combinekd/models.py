@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from combinekd.config import ModelConfig
 from combinekd.data import hub_hint, load_tokenizer, tokenizer_fingerprint
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir
 
 
 def _quiet_transformers() -> None:
@@ -64,17 +64,28 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
 
 
 def load_model(path: str | Path, attn_implementation: str = "sdpa"):
-    """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT)."""
+    """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT).
+
+    Strict: the weights must be safetensors (a pickle checkpoint can run code when loaded) and
+    must be exactly the tensors the config describes; anything else is refused rather than
+    silently filled with random weights."""
     from transformers import AutoModelForSeq2SeqLM
 
     _quiet_transformers()
     path = Path(path)
     check_model_dir(path)
     tokenizer = load_tokenizer(path)  # first: a dir without one fails before the weights are read
+    weights = _weights_file(path)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(path), attn_implementation=attn_implementation)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
+        model, info = AutoModelForSeq2SeqLM.from_pretrained(
+            str(path), attn_implementation=attn_implementation, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(exc).__name__)
+        raise UserError(f"cannot load {weights} with {path / 'config.json'}: {detail}") from None
+    problems = _loading_problems(info)
+    if problems:
+        raise UserError(f"{weights} does not match {path / 'config.json'}: {problems}")
     if torch.cuda.is_available():
         model.to("cuda")
     limit = max_positions(model)
@@ -95,21 +106,42 @@ def max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def save_model(model, tokenizer, path: str | Path) -> None:
-    """Write a standard HF model dir (safetensors weights + tokenizer), each file replaced atomically.
+def _weights_file(path: Path) -> Path:
+    """The safetensors weights of a model dir; pickle-only or missing weights are refused."""
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            return path / name
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            raise UserError(f"{path / name}: pickle checkpoints are not loaded (unpickling can run code); "
+                            f"convert it to safetensors with save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"no weights in {path} (expected model.safetensors)")
 
-    The tokenizer's ``model_max_length`` is set to the model's position limit: the tokenizer then
-    warns about longer inputs, and ``pipeline("translation", truncation=True)`` cuts them to fit."""
+
+def _loading_problems(info: dict, shown: int = 3) -> str:
+    """One line naming the weights that transformers would otherwise leave random or ignore."""
+    kinds = {"missing_keys": "missing weights", "unexpected_keys": "unexpected weights",
+             "mismatched_keys": "weights of another shape"}
+    problems = []
+    for key, label in kinds.items():
+        names = [item[0] if isinstance(item, tuple) else item for item in info.get(key) or []]
+        if names:
+            more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+            problems.append(f"{len(names)} {label}: {', '.join(sorted(names)[:shown])}{more}")
+    return "; ".join(problems)
+
+
+def save_model(model, tokenizer, path: str | Path) -> None:
+    """Write a standard HF model dir (safetensors weights + tokenizer); its other files are kept.
+
+    The files are staged and moved into place together (files.atomic_dir). The tokenizer's
+    ``model_max_length`` is set to the model's position limit: the tokenizer then warns about longer
+    inputs, and ``pipeline("translation", truncation=True)`` cuts them to fit."""
     if max_positions(model):
         tokenizer.model_max_length = max_positions(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    staging = path / ".saving"
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    for item in staging.iterdir():
-        os.replace(item, path / item.name)
-    staging.rmdir()
+    with atomic_dir(path, merge=True) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
 
 
 def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) -> None:

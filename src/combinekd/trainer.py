@@ -9,27 +9,29 @@ trained (see ``distill.Distiller``). It knows nothing of the KD maths.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
 from combinekd.errors import UserError
+from combinekd.files import atomic_dir, exclusive_lock, recover
 
 
 class BatchStream:
     """Endless token batches over epochs, with a resumable position (epoch, batch index).
 
-    Under DDP each process takes every ``world``-th batch of the same epoch order."""
+    Under DDP each process takes every ``world``-th batch of the same epoch order; an epoch with
+    fewer batches than processes is repeated so that every process gets at least one."""
 
     def __init__(self, split: Split, max_tokens: int, pad_id: int, seed: int, rank: int = 0, world: int = 1):
         self.split, self.max_tokens, self.pad_id, self.seed = split, max_tokens, pad_id, seed
@@ -42,8 +44,9 @@ class BatchStream:
     def _epoch_batches(self) -> list[list[int]]:
         if self._batches is None:
             batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, seed=self.seed, epoch=self.epoch)
-            usable = len(batches) // self.world * self.world or len(batches)
-            self._batches = batches[:usable][self.rank::self.world]
+            usable = max(len(batches) // self.world, 1) * self.world  # the same number for every process
+            batches = [batches[i % len(batches)] for i in range(usable)]
+            self._batches = batches[self.rank::self.world]
         return self._batches
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -79,26 +82,38 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, extra: dict) -
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
-def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream, progress: dict) -> None:
-    """Everything needed for an exact resume, written to a temp dir then renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(objective, str(tmp / "objective.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
+def rng_state() -> dict:
+    """This process's random generators: torch's (CPU and every CUDA device) and Python's ``random``."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    state = {"progress": progress, "stream": stream.state_dict(), "scheduler": scheduler.state_dict(),
-             "optimizer": _save_optimizer(optimizer, tmp / "optimizer.safetensors"),
-             "python_random": _jsonable(random.getstate())}
-    (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        tensors.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    return {"tensors": tensors, "python_random": _jsonable(random.getstate())}
+
+
+def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream, progress: dict,
+                    rng_states: list[dict] | None = None) -> None:
+    """Everything needed for an exact resume, staged in a temp dir then renamed into place.
+
+    ``rng_states`` holds every process's :func:`rng_state` (default: this one's), one file each."""
+    rng_states = rng_states or [rng_state()]
+    with atomic_dir(path) as tmp:
+        save_model(objective, str(tmp / "objective.safetensors"))
+        _pause_for_tests(tmp, progress["step"])
+        for rank, rng in enumerate(rng_states):
+            save_file(rng["tensors"], str(tmp / f"rng.{rank}.safetensors"),
+                      metadata={"python_random": json.dumps(rng["python_random"])})
+        state = {"progress": progress, "stream": stream.state_dict(), "scheduler": scheduler.state_dict(),
+                 "optimizer": _save_optimizer(optimizer, tmp / "optimizer.safetensors"),
+                 "processes": len(rng_states)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+
+
+def _pause_for_tests(staging: Path, step: int) -> None:
+    """Test hook: with ``COMBINEKD_TEST_PAUSE_CHECKPOINT=N`` the checkpoint of update N stops half-written
+    (weights staged, nothing else) and ``staging/PAUSED`` appears, so that a test can kill the run there."""
+    if os.environ.get("COMBINEKD_TEST_PAUSE_CHECKPOINT") == str(step):
+        (staging / "PAUSED").touch()
+        time.sleep(600)
 
 
 def _jsonable(value):
@@ -110,8 +125,7 @@ def _tuplify(value):
 
 
 def load_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream) -> dict:
-    if not path.exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # interrupted between the two renames
+    """Restore a :func:`save_checkpoint`; the random generators are those of process ``stream.rank``."""
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"nothing to resume: no checkpoint in {path.parent}")
     try:
@@ -121,14 +135,28 @@ def load_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchSt
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise UserError(f"the checkpoint in {path} does not match this config (model shape, distill "
                         f"strategy or combiner changed?): {str(exc).splitlines()[0]}") from None
+    if state.get("processes", 1) != stream.world:
+        raise UserError(f"the checkpoint in {path} was written by {state.get('processes', 1)} processes: "
+                        f"resume with as many (this run has {stream.world})")
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["stream"])
-    rng = load_file(str(path / "rng.safetensors"))
+    _load_rng(path, stream.rank, state)
+    return state["progress"]
+
+
+def _load_rng(path: Path, rank: int, state: dict) -> None:
+    """Set this process's random generators from its file (``rng.RANK.safetensors``)."""
+    file = path / f"rng.{rank}.safetensors"
+    if file.is_file():
+        rng = load_file(str(file))
+        with safe_open(str(file), "pt") as handle:
+            python_random = json.loads(handle.metadata()["python_random"])
+    else:  # written before per-process files: one file, Python's state in trainer_state.json
+        rng, python_random = load_file(str(path / "rng.safetensors")), state["python_random"]
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
-    random.setstate(_tuplify(state["python_random"]))
-    return state["progress"]
+    random.setstate(_tuplify(python_random))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -162,7 +190,7 @@ def check_output_dir(out: Path) -> None:
     """Refuse, before any work, an output_dir that holds something other than a combinekd run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a directory: choose another output_dir")
-    if out.is_dir() and any(out.iterdir()) and not (
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not (
             (out / "train_config.yaml").is_file() or (out / "checkpoints").is_dir()):
         raise UserError(f"output_dir {out} holds files and is not a combinekd run (no train_config.yaml or "
                         "checkpoints/): choose another output_dir")
@@ -170,7 +198,26 @@ def check_output_dir(out: Path) -> None:
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Train ``cfg`` to ``cfg.output_dir`` (a HF model dir with tokenizer); returns the final summary."""
+    """Train ``cfg`` to ``cfg.output_dir`` (a HF model dir with tokenizer); returns the final summary.
+
+    The first process holds ``output_dir/.lock`` for the whole run, so a second run into the same
+    directory is refused; it also cleans up after a run that was killed while writing a checkpoint."""
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    if not _first_process():
+        return _train(cfg, resume)
+    with exclusive_lock(out, "`combinekd train`"):
+        recover(out / "checkpoints" / "last")
+        return _train(cfg, resume)
+
+
+def _first_process() -> bool:
+    """Process 0 of a ``torchrun`` / ``accelerate launch`` job, or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _train(cfg: Config, resume: bool) -> dict:
+    """The run itself (see :func:`train`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from torch.utils.tensorboard import SummaryWriter
@@ -182,11 +229,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
     out = Path(cfg.output_dir)
     check_output_dir(out)
     last = out / "checkpoints" / "last"
-    if not resume and (last.exists() or last.with_name("last.old").exists()):
+    if not resume and last.exists():
         raise UserError(f"{out} already holds a run: add --resume to continue it, or choose another output_dir")
+    meta = read_meta(cfg.data_dir)
+    if resume and (done := _finished_run(last, cfg)):
+        message, progress = done
+        if _first_process():
+            print(f"combinekd: {message}", file=sys.stderr)
+        return _summary(cfg, meta, progress)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    meta = read_meta(cfg.data_dir)
     tokenizer = load_tokenizer(cfg.data_dir)
     train_split = load_split(cfg.data_dir, "train", cfg.model.max_length)
     dev = load_split(cfg.data_dir, "dev", cfg.model.max_length)
@@ -205,9 +257,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     stream = BatchStream(train_split, cfg.train.max_tokens, tokenizer.pad_token_id, cfg.seed,
                          accelerator.process_index, accelerator.num_processes)
     progress = {"step": 0, "best_bleu": -1.0, "best_step": 0, "bad_evals": 0, "train_seconds": 0.0,
-                "target_tokens": 0}
+                "target_tokens": 0, "bad_steps": 0, "stopped_early": False, "finished": False}
     if resume:
-        progress = load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream)
+        progress.update(load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream))
 
     main = accelerator.is_main_process
     if main:
@@ -233,7 +285,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
-    stopped_early = False
     while progress["step"] < cfg.train.max_steps:
         parts: dict[str, torch.Tensor] = {}
         for micro in range(cfg.train.grad_accum):
@@ -245,6 +296,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
             for key, value in output.items():  # tensors: turned into floats only when logged
                 parts[key] = parts.get(key, 0.0) + value.detach() / cfg.train.grad_accum
             window_tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes
+        if not _finite_everywhere(accelerator, parts["loss"]):
+            _skip_update(cfg, optimizer, progress, record)
+            continue
+        progress["bad_steps"] = 0
         if cfg.train.clip_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
         optimizer.step()
@@ -255,9 +310,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
         for key, value in parts.items():
             window_sums[key] = window_sums.get(key, 0.0) + value
         bar.update(1)
-        if not math.isfinite(float(parts["loss"])):
-            raise UserError(f"the loss became {parts['loss']} at step {progress['step']}: lower train.lr "
-                            "or raise train.warmup_steps")
         step = progress["step"]
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             seconds = time.perf_counter() - window_start
@@ -272,14 +324,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             window_start += _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
                                                optimizer, scheduler, stream, progress, record, out, last)
-            if cfg.train.patience and progress["bad_evals"] >= cfg.train.patience:
-                stopped_early = True
+            if progress["stopped_early"]:
                 break
     bar.close()
-    summary = {"steps": progress["step"], "best_step": progress["best_step"], "best_dev_bleu": progress["best_bleu"],
-               "train_seconds": round(progress["train_seconds"], 1), "stopped_early": stopped_early,
-               "target_tokens_per_s": round(progress["target_tokens"] / max(progress["train_seconds"], 1e-9), 1),
-               "data": str(cfg.data_dir), "pairs": meta["splits"]["train"]["pairs"]}
+    summary = _summary(cfg, meta, progress)
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         log.close()
@@ -289,9 +337,53 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
+def _summary(cfg: Config, meta: dict, progress: dict) -> dict:
+    """What ``train`` returns and writes to ``train_summary.json``."""
+    return {"steps": progress["step"], "best_step": progress["best_step"], "best_dev_bleu": progress["best_bleu"],
+            "train_seconds": round(progress["train_seconds"], 1), "stopped_early": progress["stopped_early"],
+            "target_tokens_per_s": round(progress["target_tokens"] / max(progress["train_seconds"], 1e-9), 1),
+            "data": str(cfg.data_dir), "pairs": meta["splits"]["train"]["pairs"]}
+
+
+def _finished_run(last: Path, cfg: Config) -> tuple[str, dict] | None:
+    """``(why, progress)`` when the checkpoint in ``last`` ended its run: stopped early, or reached
+    ``cfg.train.max_steps`` (raising it trains on)."""
+    state = last / "trainer_state.json"
+    if not state.is_file():
+        return None  # load_checkpoint says what is missing
+    progress = {"stopped_early": False, **json.loads(state.read_text(encoding="utf-8"))["progress"]}
+    where, step = last.parent.parent, progress["step"]
+    if progress["stopped_early"]:
+        return (f"the run in {where} stopped early at update {step} ({progress['bad_evals']} evaluations "
+                f"without a better dev BLEU): nothing to resume", progress)
+    if step >= cfg.train.max_steps:
+        return (f"the run in {where} already finished ({step} updates, train.max_steps={cfg.train.max_steps}): "
+                f"nothing to resume; raise train.max_steps to train on", progress)
+    return None
+
+
+def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the update's loss is finite on every process (a NaN gradient on one reaches all)."""
+    bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    return float(accelerator.reduce(bad, reduction="sum")) == 0
+
+
+def _skip_update(cfg: Config, optimizer, progress: dict, record) -> None:
+    """Drop the gradients of an update whose loss is not finite; stop after ``train.max_bad_steps`` in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    progress["bad_steps"] += 1
+    record({"step": progress["step"], "skipped_update": "non-finite loss", "bad_steps": progress["bad_steps"]})
+    if progress["bad_steps"] >= cfg.train.max_bad_steps:
+        raise UserError(f"the loss was not finite in {progress['bad_steps']} updates in a row (after update "
+                        f"{progress['step']}; train.max_bad_steps={cfg.train.max_bad_steps}): lower train.lr "
+                        f"or raise train.warmup_steps")
+
+
 def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast, optimizer, scheduler,
                        stream, progress, record, out, last) -> float:
     """Validate, keep the best model in ``out`` and the last checkpoint; returns seconds spent."""
+    from accelerate.utils import gather_object
+
     from combinekd.models import save_model as save_hf_model
 
     start = time.perf_counter()
@@ -303,13 +395,17 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
             save_hf_model(student, tokenizer, out)
         else:
             progress["bad_evals"] += 1
+        progress["stopped_early"] = bool(cfg.train.patience and progress["bad_evals"] >= cfg.train.patience)
+        progress["finished"] = progress["stopped_early"] or progress["step"] >= cfg.train.max_steps
         record({"step": progress["step"], **{k: round(v, 4) for k, v in scores.items()},
                 "best_dev_bleu": progress["best_bleu"], "train_seconds": round(progress["train_seconds"], 1)})
         from tqdm import tqdm
 
         tqdm.write(f"step {progress['step']}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
                    f"{' (best)' if improved else ''}")
-        save_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, progress)
+    rng_states = gather_object([rng_state()])  # every process's generators, for an exact resume
+    if accelerator.is_main_process:
+        save_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, progress, rng_states)
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # every process needs the same early-stopping decision
         from accelerate.utils import broadcast_object_list
