@@ -53,14 +53,17 @@ def main() -> None:
 
     runs = [read_run(r) for r in args.runs]
     rows = [summary(r) for r in runs]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, by_step) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for run, row in zip(runs, rows):
-        ax.plot([e["train_seconds"] / 60 * row["threads"] for e in run["evals"]], [e["dev_bleu"] for e in run["evals"]],
-                marker="o", label=f"{row['run']}")
+        bleu = [e["dev_bleu"] for e in run["evals"]]
+        ax.plot([e["train_seconds"] / 60 * row["threads"] for e in run["evals"]], bleu, marker="o", label=row["run"])
+        by_step.plot([e["step"] for e in run["evals"]], bleu, marker="o", label=row["run"])
     ax.set_xlabel("CPU-minutes of training (wall minutes x threads, validation excluded)")
     ax.set_ylabel("dev BLEU (greedy)")
-    ax.set_title(args.title)
-    ax.grid(alpha=0.3)
+    by_step.set_xlabel("updates (immune to other load on the machine)")
+    fig.suptitle(args.title)
+    for axis in (ax, by_step):
+        axis.grid(alpha=0.3)
     ax.legend(fontsize=8)
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
