@@ -61,6 +61,13 @@ def test_identical_student_has_zero_layer_and_soft_loss(data_dir, tmp_path):
     assert parts["layer_decoder"].item() == pytest.approx(0.0, abs=1e-6)
     assert parts["soft"].item() == pytest.approx(0.0, abs=1e-5)
     assert sum(p.numel() for p in objective.combiners.parameters()) == 0, "skip with equal widths: no projection"
+    # the per-layer diagnostics: a student that matches its teacher is far below the know-nothing baseline
+    for side in ("encoder", "decoder"):
+        for i in (1, 2):
+            assert parts[f"{side}{i}/layer_loss"].item() == pytest.approx(0.0, abs=1e-6)
+            assert parts[f"{side}{i}/baseline"].item() > 0.2
+            assert parts[f"{side}{i}/rms_target"].item() == pytest.approx(1.0, abs=1e-3)  # N(teacher)
+            assert parts[f"{side}{i}/combiner_norm"].item() == 0.0
 
 
 def test_gradients_reach_student_and_combiners_never_teacher(data_dir, teacher_dir, tmp_path):

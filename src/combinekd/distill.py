@@ -110,10 +110,10 @@ class Distiller(nn.Module):
                     h_s, h_t = self._taps[f"student_{side}"].pop(), self._taps[f"teacher_{side}"].pop()
                     per_layer = []
                     for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1):
-                        student_i, target_i = combine(h_s[i], [h_t[j] for j in group])
-                        per_layer.append(layer_loss(student_i, target_i, masks[side], side_cfg.loss))
-                        stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], target_i, combine,
-                                                  masks[side]))
+                        compared = combine(h_s[i], [h_t[j] for j in group])
+                        per_layer.append(layer_loss(*compared, masks[side], side_cfg.loss))
+                        stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], compared, combine,
+                                                  masks[side], side_cfg.loss))
                     parts[f"layer_{side}"] = sum(per_layer)
                 if inputs["output_attentions"]:
                     a_s, a_t = getattr(out_s, f"{side}_attentions"), getattr(out_t, f"{side}_attentions")
@@ -156,16 +156,22 @@ def layer_stack(model: nn.Module, side: str) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def _layer_stats(name: str, loss: torch.Tensor, student: torch.Tensor, target: torch.Tensor, combiner: nn.Module,
-                 mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What makes a collapsing or trivially met layer loss visible in the log: the loss of this student
-    layer, the RMS of its hidden states and of the target it is compared with, the combiner's weight norm."""
+def _layer_stats(name: str, loss: torch.Tensor, student: torch.Tensor, compared: tuple[torch.Tensor, torch.Tensor],
+                 combiner: nn.Module, mask: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """What makes a collapsing or trivially met layer loss visible in the log, for one student layer:
+    its layer loss; ``baseline``, the loss of a student that outputs one vector at every position (the
+    batch's mean target), so a loss not clearly below it has learnt nothing position-specific; the
+    RMS of the student's hidden states and of the target; the combiner's weight norm."""
     def rms(x: torch.Tensor) -> torch.Tensor:
         return masked_mean(x.float().pow(2).mean(-1), mask).sqrt()
 
+    target = compared[1].float()
+    weight = mask.to(target.dtype).unsqueeze(-1)
+    mean_target = (target * weight).sum((0, 1)) / weight.sum().clamp(min=1)
     weights = [p.float().norm() for p in combiner.parameters()]
-    return {f"{name}/layer_loss": loss.detach(), f"{name}/rms_student": rms(student),
-            f"{name}/rms_target": rms(target),
+    return {f"{name}/layer_loss": loss.detach(),
+            f"{name}/baseline": layer_loss(mean_target.expand_as(target), target, mask, kind),
+            f"{name}/rms_student": rms(student), f"{name}/rms_target": rms(target),
             f"{name}/combiner_norm": torch.stack(weights).norm() if weights else torch.zeros(())}
 
 
