@@ -44,7 +44,5 @@ import json, sys
 from combinekd.evaluate import markdown_table
 results = json.load(open(sys.argv[1]))
 print(markdown_table(results))
-print()
-print(results[0]["signature"])
 PY
 cat "$runs/results.md"

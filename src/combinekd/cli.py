@@ -67,7 +67,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     results = compare(args.model_dirs, args.data, split=args.split, beam=args.beam, extra_refs=args.refs or [],
                       batch_size=args.batch_size, limit=args.limit, force=args.force)
-    print(json.dumps(results) if args.json else markdown_table(results) + f"\n{results[0]['signature']}")
+    print(json.dumps(results) if args.json else markdown_table(results))
     return 0
 
 
