@@ -143,7 +143,9 @@ def test_prepare_with_the_teachers_tokenizer(corpus, teacher_dir, tmp_path):
     data = prepare_corpus(corpus, tmp_path / "data", tokenizer_from=teacher_dir)
     assert read_meta(data)["tokenizer_from"] == str(teacher_dir)
     cfg = kd_config(data, tmp_path / "student", teacher_dir, **{"train.max_steps": 2, "train.eval_every": 2})
-    assert train(cfg)["steps"] == 2
+    summary = train(cfg)
+    assert summary["steps"] == 2
+    assert summary["wall_seconds"]["of_which_teacher_forward"] > 0
 
 
 def test_init_from_teacher_copies_layers(data_dir, teacher_dir, tmp_path):

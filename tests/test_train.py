@@ -158,3 +158,10 @@ def test_weight_presets_fill_only_missing_weights():
     # a saved config (weights written out) loads back to the same weights
     assert load_config(None, [f"distill.{k}={v}" for k, v in paper.distill.model_dump(mode="json").items()
                               if k.startswith("w_")] + ["distill.teacher=t"], base=base).distill.w_soft == 0.9
+
+
+def test_summary_splits_the_wall_time(trained_model):
+    out, summary = trained_model
+    split = json.loads((out / "train_summary.json").read_text())["wall_seconds"]
+    assert split["training"] > 0 and split["validation"] > 0 and split["saving_models_and_checkpoints"] > 0
+    assert split["of_which_teacher_forward"] == 0.0  # no teacher: plain training

@@ -10,6 +10,7 @@ Without a teacher it is plain label-smoothed cross-entropy training.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class Distiller(nn.Module):
         self.sides: dict[str, tuple[SideConfig, Groups]] = {}
         self.combiners = nn.ModuleDict()
         self._taps: dict[str, LayerTaps] = {}
+        self._teacher_seconds = 0.0  # host time in teacher forwards since the last pop_teacher_seconds()
         if teacher is None or (self.w_layer == 0 and self.w_attn == 0):
             return
         for side in SIDES:
@@ -74,6 +76,11 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
+
+    def pop_teacher_seconds(self) -> float:
+        """Seconds spent in teacher forward passes since the last call (for the run's time split)."""
+        seconds, self._teacher_seconds = self._teacher_seconds, 0.0
+        return seconds
 
     def describe(self) -> list[str]:
         """Human-readable summary of the objective, for the training log."""
@@ -98,8 +105,10 @@ class Distiller(nn.Module):
         parts = {"hard": hard_loss(out_s.logits, labels, self.label_smoothing)}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if self.teacher is not None:
+            start = time.perf_counter()
             with torch.no_grad():
                 out_t = self.teacher(**inputs)
+            self._teacher_seconds += time.perf_counter() - start
             if self.w_soft:
                 parts["soft"] = soft_loss(out_s.logits, out_t.logits, mask_tgt, self.temperature)
             masks = {"encoder": mask_src, "decoder": mask_tgt}

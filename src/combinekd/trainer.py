@@ -257,7 +257,8 @@ def _train(cfg: Config, resume: bool) -> dict:
     stream = BatchStream(train_split, cfg.train.max_tokens, tokenizer.pad_token_id, cfg.seed,
                          accelerator.process_index, accelerator.num_processes)
     progress = {"step": 0, "best_bleu": -1.0, "best_step": 0, "bad_evals": 0, "train_seconds": 0.0,
-                "target_tokens": 0, "bad_steps": 0, "stopped_early": False, "finished": False}
+                "target_tokens": 0, "bad_steps": 0, "stopped_early": False, "finished": False,
+                "teacher_seconds": 0.0, "validation_seconds": 0.0, "saving_seconds": 0.0}
     if resume:
         progress.update(load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream))
 
@@ -314,6 +315,7 @@ def _train(cfg: Config, resume: bool) -> dict:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             seconds = time.perf_counter() - window_start
             progress["train_seconds"] += seconds
+            progress["teacher_seconds"] += accelerator.unwrap_model(model).pop_teacher_seconds()
             progress["target_tokens"] += window_tokens
             entry = {"step": step, **{k: round(float(v) / window_n, 5) for k, v in window_sums.items()},
                      "lr": scheduler.get_last_lr()[0],
@@ -342,7 +344,17 @@ def _summary(cfg: Config, meta: dict, progress: dict) -> dict:
     return {"steps": progress["step"], "best_step": progress["best_step"], "best_dev_bleu": progress["best_bleu"],
             "train_seconds": round(progress["train_seconds"], 1), "stopped_early": progress["stopped_early"],
             "target_tokens_per_s": round(progress["target_tokens"] / max(progress["train_seconds"], 1e-9), 1),
+            "wall_seconds": {"training": round(progress["train_seconds"], 1),
+                             "of_which_teacher_forward": _teacher_seconds(progress),
+                             "validation": round(progress.get("validation_seconds", 0.0), 1),
+                             "saving_models_and_checkpoints": round(progress.get("saving_seconds", 0.0), 1)},
             "data": str(cfg.data_dir), "pairs": meta["splits"]["train"]["pairs"]}
+
+
+def _teacher_seconds(progress: dict) -> float | None:
+    """Time in the teacher's forward passes: measured on CPU; on a GPU kernels run asynchronously and
+    the host-side time would mislead, so it is not reported there."""
+    return None if torch.cuda.is_available() else round(progress.get("teacher_seconds", 0.0), 1)
 
 
 def _finished_run(last: Path, cfg: Config) -> tuple[str, dict] | None:
@@ -389,10 +401,13 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
     start = time.perf_counter()
     if accelerator.is_main_process:
         scores = validate(accelerator.unwrap_model(model).student, tokenizer, dev, dev_text, cfg, autocast)
+        progress["validation_seconds"] += time.perf_counter() - start
         improved = scores["dev_bleu"] > progress["best_bleu"]
         if improved:
             progress.update(best_bleu=scores["dev_bleu"], best_step=progress["step"], bad_evals=0)
+            saving = time.perf_counter()
             save_hf_model(student, tokenizer, out)
+            progress["saving_seconds"] += time.perf_counter() - saving
         else:
             progress["bad_evals"] += 1
         progress["stopped_early"] = bool(cfg.train.patience and progress["bad_evals"] >= cfg.train.patience)
@@ -405,7 +420,9 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
                    f"{' (best)' if improved else ''}")
     rng_states = gather_object([rng_state()])  # every process's generators, for an exact resume
     if accelerator.is_main_process:
+        saving = time.perf_counter()
         save_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, progress, rng_states)
+        progress["saving_seconds"] += time.perf_counter() - saving  # (this checkpoint's own time is not in it)
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # every process needs the same early-stopping decision
         from accelerate.utils import broadcast_object_list
