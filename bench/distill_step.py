@@ -66,11 +66,9 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
             return step
 
         @torch.no_grad()
-        def teacher_forward(batch):
-            with torch.autocast("cpu", torch.bfloat16, enabled=cfg.distill.teacher_bf16):
-                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        decoder_input_ids=teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
-                        output_hidden_states=True)
+        def teacher_forward(batch):  # the teacher as the KD step runs it (bf16 weights when teacher_bf16)
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    decoder_input_ids=teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))
 
         student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
         teacher_s = timed(teacher_forward, batches)
