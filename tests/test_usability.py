@@ -405,7 +405,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     ran = set()
     for words in readme_commands():
         if words[0] in ("bash", "python", ".venv/bin/python"):
-            assert (ROOT / words[1]).is_file(), f"the README runs {words[1]}, which is not in the repository"
+            assert words[1] == "-c" or (ROOT / words[1]).is_file(), f"the README runs {words[1]}, not in the repository"
             continue
         if words[0] in ("make", "source", "hf", "cd", "git"):
             if words[:2] == ["hf", "download"]:
