@@ -327,3 +327,17 @@ def test_checkpoints_keep_every_process_rng_state(data_dir, tmp_path):
         assert random.random() == random.Random(11 * (rank + 1)).random()
     with pytest.raises(UserError, match="written by 2 processes"):
         load_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1))
+
+
+def test_the_readme_conversion_makes_a_pickle_only_model_loadable(model_dir):
+    """README, "A downloaded pretrained teacher": from_pretrained + save_pretrained writes safetensors."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, _ = load_model(model_dir)
+    model.save_pretrained(str(model_dir), safe_serialization=False)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="pickle"):
+        load_model(model_dir)
+    AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).save_pretrained(str(model_dir))
+    again, _ = load_model(model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
