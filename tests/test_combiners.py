@@ -66,3 +66,20 @@ def test_the_target_is_a_fixed_function_of_the_teacher(name):
         for p in combiner.parameters():
             p.mul_(0.0)
     assert combiner(student, first)[1].abs().mean() > 0.5, "zeroing every weight must not shrink the target"
+
+
+def test_the_config_lists_exactly_the_implemented_plug_ins():
+    """config.py (no torch) names the strategies, combiners and layer losses; the implementing modules
+    must accept every listed name and no other."""
+    from combinekd import config
+    from combinekd.mapping import layer_groups
+
+    assert set(config.COMBINERS) == set(COMBINERS)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for kind in config.LAYER_LOSSES:
+        assert torch.isfinite(layer_loss(torch.randn(1, 3, 4), torch.randn(1, 3, 4), mask, kind))
+    with pytest.raises(ValueError):
+        layer_loss(torch.randn(1, 3, 4), torch.randn(1, 3, 4), mask, "no-such-loss")
+    for strategy in config.STRATEGIES:
+        groups = [[1, 2], [3, 4]] if strategy == "groups" else None
+        assert len(layer_groups(strategy, 4, 2, groups)) == 2
