@@ -85,7 +85,7 @@ def _stdin_lines() -> Iterator[str]:
 
 def _cmd_translate(args: argparse.Namespace) -> int:
     from combinekd.evaluate import too_long, translate
-    from combinekd.models import load_model, max_positions
+    from combinekd.models import input_limit, load_model
 
     model, tokenizer = load_model(args.model_dir)
     chunk = 1 if sys.stdin.isatty() else args.chunk  # someone typing gets each line back at once
@@ -93,7 +93,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     while batch := list(itertools.islice(lines, chunk)):
         for index, tokens in too_long(model, tokenizer, batch):
             warn(f"line {done + index + 1} has {tokens} tokens but {args.model_dir} reads at most "
-                 f"{max_positions(model)}: only its beginning is translated")
+                 f"{input_limit(model, tokenizer)}: only its beginning is translated")
         for hyp in translate(model, tokenizer, batch, beam=args.beam, batch_size=args.batch_size):
             print(hyp)
         sys.stdout.flush()

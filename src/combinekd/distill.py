@@ -18,7 +18,7 @@ from torch import nn
 
 from combinekd.combiners import build_combiner
 from combinekd.config import Config, InitConfig, SideConfig
-from combinekd.errors import UserError
+from combinekd.errors import UserError, warn
 from combinekd.losses import attention_loss, hard_loss, layer_loss, masked_mean, soft_loss
 from combinekd.mapping import Groups, describe, layer_groups, random_groups
 
@@ -99,15 +99,15 @@ class Distiller(nn.Module):
         labels, mask_src = batch["labels"], batch["attention_mask"].bool()
         mask_tgt = labels != -100
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "decoder_input_ids": self.student.prepare_decoder_input_ids_from_labels(labels=labels),
+                  "decoder_input_ids": decoder_input_ids(self.student, labels),
                   "output_attentions": bool(self.sides) and self.w_attn > 0}
         out_s = self.student(**inputs)
         parts = {"hard": hard_loss(out_s.logits, labels, self.label_smoothing)}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if self.teacher is not None:
             start = time.perf_counter()
-            with torch.no_grad():
-                out_t = self.teacher(**inputs)
+            with torch.no_grad():  # the teacher's decoder starts from its own start token (BART: eos)
+                out_t = self.teacher(**{**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
             self._teacher_seconds += time.perf_counter() - start
             if self.w_soft:
                 parts["soft"] = soft_loss(out_s.logits, out_t.logits, mask_tgt, self.temperature)
@@ -155,6 +155,17 @@ class LayerTaps:
         return outputs
 
 
+def decoder_input_ids(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs a model expects for ``labels``: the labels shifted right behind the model's
+    own decoder start token (its ``prepare_decoder_input_ids_from_labels``, e.g. mBART's language
+    code; M2M100 has none: its config's start token)."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    return shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+
+
 def layer_stack(model: nn.Module, side: str) -> nn.ModuleList:
     """The encoder's or decoder's list of layers of a HF seq2seq model (``.layers``; T5: ``.block``)."""
     stack = model.get_encoder() if side == "encoder" else model.get_decoder()
@@ -193,22 +204,48 @@ class _TorchRandom:
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, init: InitConfig) -> None:
-    """Copy the shared embeddings and the chosen teacher layers (1-based) into the student."""
+    """Copy the shared embeddings and the chosen teacher layers (1-based) into the student.
+
+    The teacher's layers must have the student's parameters: Marian, BART, mBART, M2M100 and
+    Pegasus layers do; T5 blocks do not and are refused."""
+    chosen = {side: getattr(init, side) for side in SIDES if getattr(init, side)}
+    for side, layers in chosen.items():
+        s_layers, t_layers = layer_stack(student, side), layer_stack(teacher, side)
+        if len(layers) != len(s_layers) or not all(1 <= j <= len(t_layers) for j in layers):
+            raise UserError(f"init_from_teacher.{side}: give {len(s_layers)} teacher layers within "
+                            f"1..{len(t_layers)}, got {layers}")
+        _check_same_parameters(s_layers[0], t_layers[0], teacher.config.model_type, side)
+    t_norm, s_norm = (LAYER_NORM_PLACEMENT.get(m.config.model_type) for m in (teacher, student))
+    if chosen and t_norm and s_norm and t_norm != s_norm:
+        warn(f"init_from_teacher: the `{teacher.config.model_type}` teacher's layers are {t_norm} but the "
+             f"student's are {s_norm}: the copied weights start in another layout "
+             f"(model.arch: {t_norm.lower()} matches the teacher)")
     try:
         student.get_input_embeddings().load_state_dict(teacher.get_input_embeddings().state_dict())
-        for side in SIDES:
-            chosen = getattr(init, side)
-            if not chosen:
-                continue
+        for side, layers in chosen.items():
             s_layers, t_layers = layer_stack(student, side), layer_stack(teacher, side)
-            if len(chosen) != len(s_layers) or not all(1 <= j <= len(t_layers) for j in chosen):
-                raise UserError(f"init_from_teacher.{side}: give {len(s_layers)} teacher layers within "
-                                f"1..{len(t_layers)}, got {chosen}")
-            for s_layer, j in zip(s_layers, chosen):
+            for s_layer, j in zip(s_layers, layers):
                 s_layer.load_state_dict(t_layers[j - 1].state_dict())
     except RuntimeError as exc:
         raise UserError(f"init_from_teacher needs the teacher's width, ffn and heads: "
                         f"{str(exc).splitlines()[0]}") from None
+
+
+# where each family's layers put their layer norms (the student is Marian post-LN or Pegasus pre-LN)
+LAYER_NORM_PLACEMENT = {"marian": "post-LN", "bart": "post-LN", "mbart": "pre-LN", "m2m_100": "pre-LN",
+                        "pegasus": "pre-LN"}
+
+
+def _check_same_parameters(s_layer: nn.Module, t_layer: nn.Module, teacher_type: str, side: str) -> None:
+    """Refuse to copy a teacher layer whose parameters are not the student's (a T5 block into a
+    Pegasus layer): no mapping of names makes those the same computation."""
+    s_names, t_names = set(s_layer.state_dict()), set(t_layer.state_dict())
+    if s_names != t_names:
+        example = sorted(t_names - s_names)[0] if t_names - s_names else sorted(s_names - t_names)[0]
+        raise UserError(f"init_from_teacher: the `{teacher_type}` teacher's {side} layers ({type(t_layer).__name__}, "
+                        f"with `{example}`) have other parameters than the student's ({type(s_layer).__name__}); "
+                        f"layers can be copied from Marian, BART, mBART, M2M100 or Pegasus teachers only: "
+                        f"drop init_from_teacher for this teacher")
 
 
 def build_objective(cfg: Config, tokenizer) -> Distiller:
@@ -216,11 +253,10 @@ def build_objective(cfg: Config, tokenizer) -> Distiller:
     from combinekd.models import build_model, check_same_vocabulary, load_model
 
     needs_attn = bool(cfg.distill and cfg.distill.w_attn > 0)
-    attn = "eager" if needs_attn else "sdpa"
-    student = build_model(cfg.model, tokenizer, attn_implementation=attn)
+    student = build_model(cfg.model, tokenizer, attn_implementation="eager" if needs_attn else "sdpa")
     if cfg.distill is None:
         return Distiller(student, cfg)
-    teacher, teacher_tokenizer = load_model(cfg.distill.teacher, attn_implementation=attn)
+    teacher, teacher_tokenizer = load_model(cfg.distill.teacher, attn_implementation="eager" if needs_attn else None)
     check_same_vocabulary(teacher_tokenizer, tokenizer, f"the teacher {cfg.distill.teacher}",
                           f"the data in {cfg.data_dir}")
     teacher.eval().requires_grad_(False)

@@ -20,22 +20,24 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
               progress: bool = False) -> list[str]:
     """Translate sentences in length-sorted batches; returns detokenized hypotheses in input order.
 
-    An empty (or blank) sentence gives an empty hypothesis. Inputs longer than the model's
-    positions are cut to fit (see :func:`too_long`)."""
+    An empty (or blank) sentence gives an empty hypothesis. Inputs longer than the model reads
+    (its positions; T5: its tokenizer's limit, if any) are cut to fit (see :func:`too_long`)."""
     from tqdm import tqdm
 
-    from combinekd.models import max_positions
+    from combinekd.models import input_limit
 
     was_training = model.training
     model.eval()
-    limit = max_positions(model) or tokenizer.model_max_length
+    limit = input_limit(model, tokenizer)
     order = sorted((i for i, s in enumerate(sentences) if s.strip()), key=lambda i: len(sentences[i]))
     hyps: list[str] = [""] * len(sentences)
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="translate", leave=False):
         chunk = order[start:start + batch_size]
-        enc = tokenizer([sentences[i] for i in chunk], return_tensors="pt", padding=True, truncation=True,
-                        max_length=limit).to(model.device)
-        new_tokens = min(limit - 1, int(enc["input_ids"].shape[1] * 1.5) + 10)
+        enc = tokenizer([sentences[i] for i in chunk], return_tensors="pt", padding=True,
+                        truncation=limit is not None, max_length=limit).to(model.device)
+        new_tokens = int(enc["input_ids"].shape[1] * 1.5) + 10
+        if limit:
+            new_tokens = min(limit - 1, new_tokens)
         out = model.generate(**enc, num_beams=beam, max_length=new_tokens + 1, do_sample=False)
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
             hyps[i] = text.strip()
@@ -45,9 +47,9 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
 
 def too_long(model, tokenizer, sentences: Sequence[str]) -> list[tuple[int, int]]:
     """``(index, tokens)`` of each sentence longer than the model reads: :func:`translate` cuts those."""
-    from combinekd.models import max_positions
+    from combinekd.models import input_limit
 
-    limit = max_positions(model)
+    limit = input_limit(model, tokenizer)
     if not limit or not sentences:
         return []
     lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
@@ -176,7 +178,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     write the hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
 
     A model that records other languages than the data's is refused unless ``force``."""
-    from combinekd.models import count_parameters, load_model, max_positions
+    from combinekd.models import count_parameters, input_limit, load_model
 
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
@@ -193,8 +195,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     check_before_decoding(model_dir, data_dir, meta, out_path, force)
     model, tokenizer = load_model(model_dir)
     if cut := too_long(model, tokenizer, sources):
-        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {max_positions(model)} "
-             f"tokens {model_dir} reads: their ends are not translated")
+        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the "
+             f"{input_limit(model, tokenizer)} tokens {model_dir} reads: their ends are not translated")
     start = time.perf_counter()
     hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - start

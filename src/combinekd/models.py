@@ -63,8 +63,12 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     return model
 
 
-def load_model(path: str | Path, attn_implementation: str = "sdpa"):
+def load_model(path: str | Path, attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT).
+
+    Any transformers encoder-decoder (tested: Marian, BART, mBART, M2M100/NLLB, Pegasus, T5).
+    ``attn_implementation`` None is transformers' default: SDPA where the architecture has it,
+    else eager (T5); "eager" when attention maps are needed.
 
     Strict: the weights must be safetensors (a pickle checkpoint can run code when loaded) and
     must be exactly the tensors the config describes; anything else is refused rather than
@@ -76,6 +80,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa"):
     check_model_dir(path)
     tokenizer = load_tokenizer(path)  # first: a dir without one fails before the weights are read
     weights = _weights_file(path)
+    _check_seq2seq(path)
     try:
         model, info = AutoModelForSeq2SeqLM.from_pretrained(
             str(path), attn_implementation=attn_implementation, use_safetensors=True, output_loading_info=True)
@@ -101,9 +106,34 @@ def check_model_dir(path: str | Path) -> None:
                         f"{hub_hint(path)}")
 
 
+def _check_seq2seq(path: Path) -> None:
+    """Refuse a model dir whose architecture is not one of transformers' encoder-decoders."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
+        raise UserError(f"{path} holds a `{config.model_type}` model, not an encoder-decoder (seq2seq) one: "
+                        f"teachers and models are encoder-decoders such as Marian, BART/mBART, M2M100/NLLB, "
+                        f"Pegasus or T5")
+
+
 def max_positions(model) -> int | None:
-    """The longest input (tokens) the model's position embeddings cover, if it has such a limit."""
+    """The longest input (tokens) the model's position embeddings cover; None for a model without
+    such a limit (T5's relative positions)."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def input_limit(model, tokenizer) -> int | None:
+    """The longest input (tokens) translate feeds the model: its position limit, else the limit its
+    tokenizer records (a T5 tokenizer's 512), else None (no limit)."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER  # a tokenizer's "none recorded"
+
+    limit = max_positions(model) or tokenizer.model_max_length
+    return limit if limit and limit < VERY_LARGE_INTEGER else None
 
 
 def _weights_file(path: Path) -> Path:

@@ -354,7 +354,7 @@ def _summary(cfg: Config, meta: dict, progress: dict) -> dict:
 def _teacher_seconds(progress: dict) -> float | None:
     """Time in the teacher's forward passes: measured on CPU; on a GPU kernels run asynchronously and
     the host-side time would mislead, so it is not reported there."""
-    return None if torch.cuda.is_available() else round(progress.get("teacher_seconds", 0.0), 1)
+    return None if torch.cuda.is_available() else round(progress.get("teacher_seconds", 0.0), 3)
 
 
 def _finished_run(last: Path, cfg: Config) -> tuple[str, dict] | None:
