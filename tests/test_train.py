@@ -165,3 +165,14 @@ def test_summary_splits_the_wall_time(trained_model):
     split = json.loads((out / "train_summary.json").read_text())["wall_seconds"]
     assert split["training"] > 0 and split["validation"] > 0 and split["saving_models_and_checkpoints"] > 0
     assert split["of_which_teacher_forward"] == 0.0  # no teacher: plain training
+
+
+def test_overrides_merge_sections_and_leave_the_callers_dicts_alone(tmp_path):
+    base = {"data_dir": "d", "output_dir": "o", "model": {"encoder_layers": 3, "d_model": 64, "heads": 4}}
+    snapshot = json.dumps(base, sort_keys=True)
+    cfg = load_config(None, ["model.decoder_layers=1", "model={encoder_layers: 5}"], base=base)
+    assert json.dumps(base, sort_keys=True) == snapshot, "--set modified the caller's dict"
+    assert (cfg.model.encoder_layers, cfg.model.decoder_layers, cfg.model.d_model) == (5, 1, 64)
+    (tmp_path / "c.yaml").write_text("model: {decoder_layers: 2}\n")
+    from_file = load_config(tmp_path / "c.yaml", base=base)
+    assert (from_file.model.encoder_layers, from_file.model.decoder_layers) == (3, 2)

@@ -14,6 +14,7 @@ Every key is documented here; unknown keys are errors. A config file looks like:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import typing
@@ -176,6 +177,15 @@ class Config(_Strict):
     distill: DistillConfig | None = Field(None, description="distillation from a teacher; null: none")
 
 
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep-merge ``update`` into ``tree``: a section given as a mapping changes only the keys it names."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = tree
@@ -186,7 +196,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {key}: `{part}` is not a section")
         node = child
-    node[leaf] = value
+    _merge(node, {leaf: value})
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -223,7 +233,7 @@ def _describe(error: ValidationError) -> str:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Read a YAML config (or start from ``base``), apply ``KEY=VALUE`` overrides, validate."""
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(base or {})  # the caller's dicts are never modified
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -234,7 +244,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping of keys")
-        tree.update(loaded or {})
+        _merge(tree, loaded or {})
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
