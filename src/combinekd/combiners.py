@@ -11,10 +11,11 @@ per teacher layer for a concatenation). A target that W could shape would let th
 fitting W to whatever the student computes, or by shrinking both (the paper's form,
 ``MSE(h_S, W [h_T^{j_1}; ...; h_T^{j_k}])`` with W trained jointly, does exactly that: see the
 README, "Why the paper's projection collapsed"). With a fixed, normalised target the loss reaches
-zero only when the student's states determine the teacher's, and a student that has learnt
-nothing scores about 1 under ``mse``. N also makes post-LN teachers (normalised states) and pre-LN
-teachers (a residual stream whose scale grows with depth) comparable, and lets no teacher layer
-of a group outweigh the others.
+zero only when the student's states determine the teacher's; a student that has learnt nothing
+scores up to 2 under ``mse`` (two unrelated unit-variance vectors), less only by the part of the
+target that every position shares (logged as ``baseline``). N also makes post-LN teachers
+(normalised states) and pre-LN teachers (a residual stream whose scale grows with depth)
+comparable, and lets no teacher layer of a group outweigh the others.
 
 One teacher layer of the student's width needs no map: ``skip`` between equal widths has no
 parameters, and a student identical to its teacher has zero loss.
