@@ -97,9 +97,9 @@ def hypotheses_path(model_dir: str | Path, split: str, meta: dict, out: str | Pa
 def check_before_decoding(model_dir: str | Path, data_dir: str | Path, meta: dict, out: Path, force: bool) -> None:
     """Everything evaluate can refuse before it decodes: the model dir, its languages (unless
     ``force``) and the hypotheses file."""
-    from combinekd.models import check_model_dir
+    from combinekd.engines import check_translator_dir
 
-    check_model_dir(model_dir)
+    check_translator_dir(model_dir)
     if not force:
         check_languages(model_dir, data_dir, meta)
     if out.is_dir():
@@ -176,7 +176,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     write the hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
 
     A model that records other languages than the data's is refused unless ``force``."""
-    from combinekd.models import count_parameters, load_model, max_positions
+    from combinekd.engines import load_translator
 
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
@@ -191,15 +191,15 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     sources, refs = sources[:limit], [r[:limit] for r in refs]
     out_path = hypotheses_path(model_dir, split, meta, out)
     check_before_decoding(model_dir, data_dir, meta, out_path, force)
-    model, tokenizer = load_model(model_dir)
-    if cut := too_long(model, tokenizer, sources):
-        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {max_positions(model)} "
+    engine = load_translator(model_dir)  # a Hugging Face model dir or a CTranslate2 export
+    if cut := engine.too_long(sources):
+        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {engine.max_positions} "
              f"tokens {model_dir} reads: their ends are not translated")
     start = time.perf_counter()
-    hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)
+    hyps = engine.translate(sources, beam=beam, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - start
     with atomic_file(out_path) as staged:
         staged.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
-            "params": count_parameters(model), "beam": beam, "split": split, "hypotheses": str(out_path),
+            "params": engine.params, "engine": engine.engine, "beam": beam, "split": split, "hypotheses": str(out_path),
             "decode_seconds": round(seconds, 2), "sentences_per_s": round(len(sources) / seconds, 2)}

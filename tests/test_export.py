@@ -1,0 +1,152 @@
+"""CTranslate2 export: conversion, identical greedy output, evaluate/translate on the export, errors, cards."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from combinekd.cli import main
+
+
+@pytest.fixture(scope="module")
+def exports(trained_model, tmp_path_factory):
+    from combinekd.export import export_model
+
+    model_dir, _ = trained_model
+    root = tmp_path_factory.mktemp("ct2")
+    for quantization in ("float32", "int8"):
+        export_model(model_dir, root / quantization, quantization=quantization)
+    return {"float32": root / "float32", "int8": root / "int8"}
+
+
+SENTENCES = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w15 w0 w9 w9", "w3 w12 w7 w10 w11 w2 w14"]
+
+
+def test_export_writes_a_complete_ct2_dir(exports, trained_model):
+    for quantization, path in exports.items():
+        names = {p.name for p in path.iterdir()}
+        assert {"model.bin", "config.json", "shared_vocabulary.json", "source.spm", "target.spm", "vocab.json",
+                "tokenizer_config.json", "combinekd_export.json", "README.md"} <= names, names
+        assert not any(n.startswith(".") for n in names)
+        info = json.loads((path / "combinekd_export.json").read_text())
+        assert info["quantization"] == quantization and info["source_model"] == str(trained_model[0].resolve())
+        assert (info["source_lang"], info["target_lang"]) == ("xx", "yy") and info["params"] > 0
+    assert (exports["int8"] / "model.bin").stat().st_size < (exports["float32"] / "model.bin").stat().st_size
+
+
+def test_float32_and_int8_exports_translate(exports):
+    from combinekd.engines import CT2Translator, load_translator
+
+    for path in exports.values():
+        engine = load_translator(path)
+        assert isinstance(engine, CT2Translator)
+        hyps = engine.translate(SENTENCES + [""], beam=5, batch_size=2)
+        assert hyps[-1] == "" and all(h.startswith("v") for h in hyps[:-1]), hyps
+
+
+def test_ct2_float32_greedy_equals_hf_greedy_token_for_token(exports, trained_model):
+    import torch
+
+    from combinekd.engines import load_translator
+
+    hf, ct2 = load_translator(trained_model[0]), load_translator(exports["float32"])
+    tok = hf.tokenizer
+    for sentence in SENTENCES:  # one at a time: no padding differences
+        enc = tok([sentence], return_tensors="pt")
+        with torch.no_grad():
+            out = hf.model.generate(**enc, num_beams=1, do_sample=False, max_length=40)
+        hf_tokens = [t for t in tok.convert_ids_to_tokens(out[0]) if t not in (tok.pad_token, tok.eos_token)]
+        result = ct2.translator.translate_batch([tok.convert_ids_to_tokens(enc["input_ids"][0])], beam_size=1,
+                                                max_decoding_length=40)
+        assert result[0].hypotheses[0] == hf_tokens, sentence
+    assert ct2.translate(SENTENCES, beam=1) == hf.translate(SENTENCES, beam=1)
+    assert ct2.params == hf.params
+
+
+def test_evaluate_and_translate_accept_the_ct2_dir(exports, trained_model, data_dir, tmp_path, monkeypatch, capsys):
+    results = {}
+    for name, path in (("hf", trained_model[0]), ("ct2", exports["float32"])):
+        out = tmp_path / f"{name}.hyp"
+        assert main(["evaluate", str(path), "--data", str(data_dir), "--beam", "2", "--out", str(out), "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["ct2"]["engine"] == "ctranslate2" and results["hf"]["engine"] == "transformers"
+    assert results["ct2"]["signature"] == results["hf"]["signature"]
+    assert abs(results["ct2"]["bleu"] - results["hf"]["bleu"]) < 1.0
+    assert results["ct2"]["params"] == results["hf"]["params"]
+
+    from combinekd.engines import load_translator
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(SENTENCES).encode())))
+    assert main(["translate", str(exports["int8"]), "--beam", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == load_translator(exports["int8"]).translate(SENTENCES, beam=2)
+    assert len(lines) == len(SENTENCES) and all(line.startswith("v") for line in lines)
+
+
+def test_compare_accepts_hf_and_ct2_dirs_together(exports, trained_model, data_dir, capsys):
+    assert main(["compare", str(trained_model[0]), str(exports["int8"]), "--data", str(data_dir),
+                 "--beam", "1", "--limit", "20", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in rows] == ["transformers", "ctranslate2"]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_export_errors_are_one_line_and_write_nothing(exports, trained_model, data_dir, tmp_path, capsys):
+    model_dir = trained_model[0]
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    cases = [
+        ([str(data_dir)], "no model found"),
+        ([str(bert)], "not a seq2seq"),
+        ([str(exports["int8"])], "already a CTranslate2 dir"),
+        ([str(model_dir), "--quantization", "int3"], "unknown quantization"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        assert main(["export", *args, "--out", str(out)]) == 2
+        assert message in error_line(capsys)
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    before = (exports["int8"] / "model.bin").stat().st_mtime_ns
+    assert main(["export", str(model_dir), "--out", str(exports["int8"])]) == 2
+    assert "--overwrite" in error_line(capsys)
+    assert (exports["int8"] / "model.bin").stat().st_mtime_ns == before
+
+
+def test_overwrite_replaces_an_export(trained_model, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["export", str(trained_model[0]), "--out", str(out), "--quantization", "int16"]) == 0
+    assert main(["export", str(trained_model[0]), "--out", str(out), "--quantization", "float32",
+                 "--overwrite"]) == 0
+    assert json.loads((out / "combinekd_export.json").read_text())["quantization"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_ct2_dir_is_refused_as_a_teacher(exports):
+    from combinekd.errors import UserError
+    from combinekd.models import load_model
+
+    with pytest.raises(UserError, match="CTranslate2 export"):
+        load_model(exports["int8"])
+
+
+def test_model_cards_name_the_right_scores(trained_model, exports):
+    model_dir, summary = trained_model
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---\nlanguage:\n- xx\n- yy\nlicense:")
+    for tag in ("- translation", "- combinekd", "- knowledge-distillation", "- bleu", "- chrf"):
+        assert tag in card
+    assert f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |" in card
+    assert f"best dev BLEU at update {summary['best_step']}" in card and "nrefs:1" in card
+    assert "label-smoothed cross-entropy" in card
+    export_card = (exports["int8"] / "README.md").read_text()
+    assert "CTranslate2 export (int8)" in export_card
+    assert f"{summary['best_dev_bleu']:.2f}" in export_card
