@@ -145,8 +145,39 @@ def test_model_cards_name_the_right_scores(trained_model, exports):
     for tag in ("- translation", "- combinekd", "- knowledge-distillation", "- bleu", "- chrf"):
         assert tag in card
     assert f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |" in card
+    assert "sacreBLEU signature: `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in card
     assert f"best dev BLEU at update {summary['best_step']}" in card and "nrefs:1" in card
     assert "label-smoothed cross-entropy" in card
     export_card = (exports["int8"] / "README.md").read_text()
-    assert "CTranslate2 export (int8)" in export_card
+    assert "CTranslate2 export (int8)" in export_card and "\n# int8\n" in export_card
     assert f"{summary['best_dev_bleu']:.2f}" in export_card
+
+
+def test_a_students_card_names_teacher_weights_and_layer_mapping(tmp_path):
+    from combinekd.card import write_train_card
+    from combinekd.config import dump_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"src_lang": "pt", "tgt_lang": "en"}))
+    model = tmp_path / "student"
+    model.mkdir()
+    cfg = tiny_student_config(data, model)
+    (model / "train_config.yaml").write_text(dump_config(cfg))
+    (model / "train_summary.json").write_text(json.dumps({"steps": 900, "best_step": 800, "best_dev_bleu": 31.456,
+                                                          "pairs": 1234, "train_seconds": 5.0}))
+    mapping = "encoder: student layer 1 <- teacher layers 1,2,3"
+    (model / "train_log.jsonl").write_text(json.dumps({"step": 0, "objective": ["objective: 0.5 * hard", mapping]})
+                                           + "\n" + json.dumps({"step": 100, "loss": 1.0}) + "\n")
+    card = write_train_card(model).read_text()
+    assert card.startswith("---\nlanguage:\n- pt\n- en\nlicense:")
+    assert "teacher `/teacher/run`" in card and "w_hard 0.5, w_soft 0.5, w_layer 1.0" in card
+    assert mapping in card and "| dev (best, during training) | 31.46 |" in card
+    assert "Updates: 900 (best dev BLEU at update 800)" in card and "1234 training pairs" in card
+
+
+def tiny_student_config(data, out):
+    from combinekd.config import load_config
+
+    return load_config(None, [], base={"data_dir": str(data), "output_dir": str(out),
+                                       "distill": {"teacher": "/teacher/run"}})

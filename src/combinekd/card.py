@@ -86,6 +86,8 @@ def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
                             if distill.get(k) is not None)
         lines += [f"- Method: knowledge distillation (combinekd) from the teacher `{distill.get('teacher')}`"
                   f" (weights preset `{distill.get('weights')}`: {weights}; temperature {distill.get('temperature')})"]
+        if distill.get("init_from_teacher"):
+            lines += [f"- Initialised from the teacher: `{json.dumps(distill['init_from_teacher'])}`"]
     else:
         lines += ["- Method: trained from scratch with label-smoothed cross-entropy (no teacher)"]
     objective = _objective(model_dir)
@@ -104,8 +106,9 @@ def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
         signature = corpus_scores(["x"], [["x"]])["signature"]  # the signature validation's BLEU has
         train = cfg.get("train") or {}
         beam, cap = train.get("eval_beam"), train.get("eval_max_sentences")
-        lines += ["## Scores", "", "| split | BLEU | sacreBLEU signature |", "|---|---:|---|",
-                  f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} | {signature} |", "",
+        lines += ["## Scores", "", "| split | BLEU |", "|---|---:|",
+                  f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |", "",
+                  f"sacreBLEU signature: `{signature}`", "",
                   f"Dev BLEU: validation during training (beam {beam}"
                   f"{f', first {cap} sentences' if cap else ''}). For test BLEU and chrF with their signatures "
                   "run `combinekd evaluate MODEL_DIR --data DATADIR`.", ""]
@@ -129,14 +132,15 @@ def write_train_card(model_dir: str | Path) -> Path:
     return _write(model_dir, lines + training)
 
 
-def write_export_card(out: str | Path, source: str | Path, info: dict) -> Path:
-    """Write ``out/README.md`` for a CTranslate2 export of ``source``."""
+def write_export_card(out: str | Path, source: str | Path, info: dict, name: str | None = None) -> Path:
+    """Write ``out/README.md`` for a CTranslate2 export of ``source`` (titled ``name``, default out's name;
+    ``out`` may be a staging dir)."""
     out, source = Path(out), Path(source)
     config = _read_json(source / "config.json")
     training, languages = training_section(source)
     languages = [info.get("source_lang") or languages[0], info.get("target_lang") or languages[1]]
     size = (out / "model.bin").stat().st_size if (out / "model.bin").is_file() else 0
-    lines = [_header(languages), f"# {out.name}", "",
+    lines = [_header(languages), f"# {name or out.name}", "",
              f"A CTranslate2 export ({info['quantization']}) of the {languages[0]}->{languages[1]} model "
              f"`{info['source_model']}`, made by `combinekd export` with ctranslate2's TransformersConverter.", "",
              "## Model", "", f"- {_shape(config)}", f"- Parameters: {info.get('params', 0):,}",

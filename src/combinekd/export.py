@@ -111,5 +111,5 @@ def export_model(model_dir: str | Path, out: str | Path, quantization: str = "in
         (staged / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         from combinekd.card import write_export_card
 
-        write_export_card(staged, model_dir, info)
+        write_export_card(staged, model_dir, info, name=out.name)
     return info
