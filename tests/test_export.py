@@ -181,3 +181,24 @@ def tiny_student_config(data, out):
 
     return load_config(None, [], base={"data_dir": str(data), "output_dir": str(out),
                                        "distill": {"teacher": "/teacher/run"}})
+
+
+def test_benchmark_measures_hf_and_ct2_models(exports, trained_model, data_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["benchmark", str(trained_model[0]), str(exports["int8"]), "--data", str(data_dir),
+                 "--limit", "6", "--threads", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "1 threads for every engine" in table and "ctranslate2 int8" in table
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in results] == ["transformers", "ctranslate2"]
+    for result in results:
+        assert result["params"] > 0 and result["size_bytes"] > 0 and result["peak_rss_mb"] > 0
+        assert [(r["beam"], r["batch_size"]) for r in result["runs"]] == [(5, 32), (5, 1), (1, 32), (1, 1)]
+        assert all(r["sentences_per_s"] > 0 and r["bleu"] > 0 for r in result["runs"])
+        assert all("latency_p95_ms" in r for r in result["runs"] if r["batch_size"] == 1)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".md").is_file()
+
+
+def test_benchmark_checks_every_model_first(trained_model, data_dir, tmp_path, capsys):
+    assert main(["benchmark", str(trained_model[0]), str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
+    assert "no model found" in error_line(capsys)

@@ -100,6 +100,16 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from combinekd.benchmark import benchmark, markdown, write_outputs
+
+    results = benchmark(args.model_dirs, args.data, split=args.split, threads=args.threads, limit=args.limit)
+    print(markdown(results))
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in write_outputs(results, args.out)))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from combinekd.export import export_model
 
@@ -253,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the CTranslate2 dir to write")
     x.add_argument("--quantization", default="int8", help="int8, int8_float32, int16, float16 or float32")
     x.add_argument("--overwrite", action="store_true", help="replace an existing dir at --out")
+
+    b = command(sub, "benchmark", "decoding speed, latency, memory, size and BLEU of HF and CTranslate2 models",
+                _cmd_benchmark)
+    b.add_argument("model_dirs", nargs="+", help="HF model dirs or `combinekd export` dirs; ratios are vs the first")
+    b.add_argument("--data", required=True, help="a DATADIR made by `combinekd prepare`")
+    b.add_argument("--split", default="test", help="the split of --data to translate")
+    b.add_argument("--threads", type=_positive, default=None, help="CPU threads for every engine (default: all)")
+    b.add_argument("--limit", type=_positive, default=None, help="only the split's first N sentences")
+    b.add_argument("--out", default=None, help="also write OUT.md, OUT.json and OUT.png (BLEU against speed)")
 
     m = command(sub, "mapping", "print the teacher-layer groups of a strategy", _cmd_mapping)
     m.add_argument("--teacher-layers", type=_positive, required=True, help="teacher depth T")

@@ -41,6 +41,9 @@ def _max_new_tokens(source_tokens: int, limit: int) -> int:
 
 
 def _size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of the files in a dir (staging leftovers excluded)."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
