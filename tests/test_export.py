@@ -202,3 +202,13 @@ def test_benchmark_measures_hf_and_ct2_models(exports, trained_model, data_dir, 
 def test_benchmark_checks_every_model_first(trained_model, data_dir, tmp_path, capsys):
     assert main(["benchmark", str(trained_model[0]), str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
     assert "no model found" in error_line(capsys)
+
+
+def test_train_refuses_a_ct2_dir_as_teacher_in_one_line(exports, data_dir, tmp_path, capsys):
+    config = tmp_path / "student.yaml"
+    config.write_text(f"data_dir: {data_dir}\noutput_dir: {tmp_path / 'student'}\n"
+                      f"model: {{encoder_layers: 1, decoder_layers: 1, d_model: 64, ffn_dim: 128, heads: 4, "
+                      f"max_length: 64}}\ndistill: {{teacher: {exports['int8']}}}\n")
+    assert main(["train", str(config)]) == 2
+    assert "is a CTranslate2 export" in error_line(capsys)
+    assert not (tmp_path / "student" / "model.safetensors").exists()
