@@ -91,6 +91,9 @@ def test_compare_accepts_hf_and_ct2_dirs_together(exports, trained_model, data_d
                  "--beam", "1", "--limit", "20", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["engine"] for r in rows] == ["transformers", "ctranslate2"]
+    from combinekd.evaluate import markdown_table
+
+    assert "(CTranslate2)" in markdown_table(rows)
 
 
 def error_line(capsys) -> str:
@@ -212,3 +215,35 @@ def test_train_refuses_a_ct2_dir_as_teacher_in_one_line(exports, data_dir, tmp_p
     assert main(["train", str(config)]) == 2
     assert "is a CTranslate2 export" in error_line(capsys)
     assert not (tmp_path / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["post-ln", "pre-ln"])
+def test_both_architectures_convert_to_the_same_greedy_tokens(arch, data_dir, tmp_path):
+    """Untrained models (Marian for post-ln, Pegasus for pre-ln): the converted greedy tokens are HF's."""
+    import torch
+
+    from combinekd.config import ModelConfig
+    from combinekd.data import load_tokenizer
+    from combinekd.engines import load_translator
+    from combinekd.export import export_model
+    from combinekd.models import build_model, save_model
+
+    tokenizer = load_tokenizer(data_dir)
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(arch=arch, encoder_layers=1, decoder_layers=1, d_model=32, ffn_dim=64, heads=2,
+                                    max_length=64), tokenizer)
+    with torch.no_grad():  # a spread of logits, so that greedy output is not one repeated token
+        model.get_input_embeddings().weight.normal_(0, 1)
+        model.get_input_embeddings().weight[tokenizer.pad_token_id].zero_()  # as training keeps it
+    save_model(model, tokenizer, tmp_path / "hf")
+    export_model(tmp_path / "hf", tmp_path / "ct2", quantization="float32")
+    hf, ct2 = load_translator(tmp_path / "hf"), load_translator(tmp_path / "ct2")
+    for sentence in SENTENCES:
+        enc = tokenizer([sentence], return_tensors="pt")
+        with torch.no_grad():
+            out = hf.model.generate(**enc, num_beams=1, do_sample=False, max_length=12, bad_words_ids=None,
+                                    forced_eos_token_id=None)
+        hf_tokens = [t for t in tokenizer.convert_ids_to_tokens(out[0][1:]) if t != tokenizer.eos_token]
+        result = ct2.translator.translate_batch([tokenizer.convert_ids_to_tokens(enc["input_ids"][0])],
+                                                beam_size=1, max_decoding_length=11)
+        assert result[0].hypotheses[0] == hf_tokens, (arch, sentence)

@@ -155,17 +155,21 @@ def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str =
 def markdown_table(results: Sequence[dict]) -> str:
     """Model, parameters, BLEU (with bootstrap 95% CI and p-value vs the first row), chrF, decoding speed
     (and its ratio to the first row's), for one split, beam and thread count."""
+    from combinekd.engines import ct2_threads
+
     rows = ["| model | params | BLEU | chrF | p vs first | sent/s | speed vs first |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         boot = r.get("bootstrap", {})
         ci = f" ± {boot['ci']:.2f}" if boot.get("ci") is not None else ""
         p = f"{boot['p_value']:.4f}" if boot.get("p_value") is not None else "-"
-        rows.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
+        name = f"{r['model']} (CTranslate2)" if r.get("engine") == "ctranslate2" else r["model"]
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
                     f"{r['sentences_per_s']:.1f} | {r['sentences_per_s'] / results[0]['sentences_per_s']:.2f}x |")
     first = results[0]
     rows.append(f"\n{first['n_sentences']} {first['split']} sentences, beam {first['beam']}, "
-                f"{torch.get_num_threads()} threads; BLEU {first['signature']}")
+                f"{torch.get_num_threads()} threads (CTranslate2: {ct2_threads()[0]} translator threads); "
+                f"BLEU {first['signature']}")
     return "\n".join(rows)
 
 

@@ -31,7 +31,8 @@ def _hf_config(model_dir: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{path} is not valid JSON") from None
-    if not isinstance(config, dict) or not config.get("is_encoder_decoder") or config.get("model_type") not in SUPPORTED:
+    if not isinstance(config, dict) or not config.get("is_encoder_decoder") \
+            or config.get("model_type") not in SUPPORTED:
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise UserError(f"{model_dir} is not a seq2seq translation model combinekd can export "
                         f"(model_type {kind!r}; expected one of {', '.join(SUPPORTED)})")
@@ -56,6 +57,25 @@ def _count_parameters(weights: Path) -> int:
                 count *= dim
             total += count
     return total
+
+
+def _check_zero_start_embedding(model_dir: Path, config: dict) -> None:
+    """ctranslate2 starts a Marian decoder from a zero embedding, where transformers embeds the pad token:
+    the same only while the pad row is zero (as combinekd initialises it and training keeps it)."""
+    from safetensors import safe_open
+
+    from combinekd.errors import warn
+
+    pad = config.get("decoder_start_token_id", config.get("pad_token_id"))
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as handle:
+        name = next((k for k in handle.keys()
+                     if k.endswith("shared.weight") or k.endswith("decoder.embed_tokens.weight")), None)
+        if name is None or pad is None:
+            return
+        row = handle.get_slice(name)[pad:pad + 1]
+    if float(row.abs().max()) > 0:
+        warn(f"{model_dir}: the decoder start (pad) embedding is not zero, but CTranslate2 starts Marian "
+             f"decoders from zeros: the export's translations may differ from the original's")
 
 
 def _converter_view(model_dir: Path, config: dict, where: Path) -> Path:
@@ -99,6 +119,8 @@ def export_model(model_dir: str | Path, out: str | Path, quantization: str = "in
             "source_lang": languages[0] if languages else None, "target_lang": languages[1] if languages else None,
             "model_type": config["model_type"], "params": _count_parameters(model_dir / "model.safetensors"),
             "max_positions": config.get("max_position_embeddings"), "combinekd_version": __version__}
+    if config["model_type"] == "marian":
+        _check_zero_start_embedding(model_dir, config)
     with tempfile.TemporaryDirectory(prefix=".combinekd-export-") as scratch, atomic_dir(out) as staged:
         source = _converter_view(model_dir, config, Path(scratch) / "view")
         try:
