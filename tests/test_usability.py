@@ -441,7 +441,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
             if cfg.distill:
                 assert exists(str(cfg.distill.teacher)), cfg.distill.teacher
             made.add(str(cfg.output_dir))
-        elif args.command in ("evaluate", "compare", "translate", "distill-data"):
+        elif args.command == "export":
+            assert exists(args.model_dir), f"export reads {args.model_dir}, which nothing makes"
+            made.add(args.out)
+        elif args.command in ("evaluate", "compare", "translate", "distill-data", "benchmark"):
             for model in getattr(args, "model_dirs", None) or [getattr(args, "model_dir", None)
                                                                 or args.teacher_dir]:
                 assert exists(model), f"{args.command} reads {model}, which nothing makes"

@@ -84,20 +84,37 @@ def _stdin_lines() -> Iterator[str]:
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from combinekd.evaluate import too_long, translate
-    from combinekd.models import input_limit, load_model
+    from combinekd.engines import load_translator
 
-    model, tokenizer = load_model(args.model_dir)
+    engine = load_translator(args.model_dir)  # a Hugging Face model dir or a CTranslate2 export
     chunk = 1 if sys.stdin.isatty() else args.chunk  # someone typing gets each line back at once
     lines, done = _stdin_lines(), 0
     while batch := list(itertools.islice(lines, chunk)):
-        for index, tokens in too_long(model, tokenizer, batch):
+        for index, tokens in engine.too_long(batch):
             warn(f"line {done + index + 1} has {tokens} tokens but {args.model_dir} reads at most "
-                 f"{input_limit(model, tokenizer)}: only its beginning is translated")
-        for hyp in translate(model, tokenizer, batch, beam=args.beam, batch_size=args.batch_size):
+                 f"{engine.max_positions}: only its beginning is translated")
+        for hyp in engine.translate(batch, beam=args.beam, batch_size=args.batch_size):
             print(hyp)
         sys.stdout.flush()
         done += len(batch)
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from combinekd.benchmark import benchmark, markdown, write_outputs
+
+    results = benchmark(args.model_dirs, args.data, split=args.split, threads=args.threads, limit=args.limit)
+    print(markdown(results))
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in write_outputs(results, args.out)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from combinekd.export import export_model
+
+    info = export_model(args.model_dir, args.out, quantization=args.quantization, overwrite=args.overwrite)
+    print(f"wrote {args.out}: CTranslate2 {info['quantization']}, {info['params']:,} parameters")
     return 0
 
 
@@ -225,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
     e = command(sub, "evaluate", "translate a prepared split and score it with sacreBLEU", _cmd_evaluate)
-    e.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer")
+    e.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer, or a `combinekd export` dir")
     scoring(e)
     e.add_argument("--out", default=None, help="hypotheses file (default MODEL_DIR/SPLIT.hyp.LANG)")
 
@@ -234,11 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     scoring(c)
 
     tr = command(sub, "translate", "translate stdin to stdout, one line per line (UTF-8)", _cmd_translate)
-    tr.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer")
+    tr.add_argument("model_dir", help="a Hugging Face model dir with its tokenizer, or a `combinekd export` dir")
     tr.add_argument("--beam", type=_positive, default=5, help="beam size")
     tr.add_argument("--batch-size", type=_positive, default=32, help="sentences per decoding batch")
     tr.add_argument("--chunk", type=_positive, default=1024,
                     help="lines read before translating them (1 when stdin is a terminal)")
+
+    x = command(sub, "export", "convert a model dir to CTranslate2 (ctranslate2's converter), tokenizer included",
+                _cmd_export)
+    x.add_argument("model_dir", help="a Hugging Face seq2seq model dir (combinekd's, or Marian/OPUS-MT)")
+    x.add_argument("--out", required=True, help="the CTranslate2 dir to write")
+    x.add_argument("--quantization", default="int8", help="int8, int8_float32, int16, float16 or float32")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing dir at --out")
+
+    b = command(sub, "benchmark", "decoding speed, latency, memory, size and BLEU of HF and CTranslate2 models",
+                _cmd_benchmark)
+    b.add_argument("model_dirs", nargs="+", help="HF model dirs or `combinekd export` dirs; ratios are vs the first")
+    b.add_argument("--data", required=True, help="a DATADIR made by `combinekd prepare`")
+    b.add_argument("--split", default="test", help="the split of --data to translate")
+    b.add_argument("--threads", type=_positive, default=None, help="CPU threads for every engine (default: all)")
+    b.add_argument("--limit", type=_positive, default=None, help="only the split's first N sentences")
+    b.add_argument("--out", default=None, help="also write OUT.md, OUT.json and OUT.png (BLEU against speed)")
 
     m = command(sub, "mapping", "print the teacher-layer groups of a strategy", _cmd_mapping)
     m.add_argument("--teacher-layers", type=_positive, required=True, help="teacher depth T")

@@ -99,9 +99,9 @@ def hypotheses_path(model_dir: str | Path, split: str, meta: dict, out: str | Pa
 def check_before_decoding(model_dir: str | Path, data_dir: str | Path, meta: dict, out: Path, force: bool) -> None:
     """Everything evaluate can refuse before it decodes: the model dir, its languages (unless
     ``force``) and the hypotheses file."""
-    from combinekd.models import check_model_dir
+    from combinekd.engines import check_translator_dir
 
-    check_model_dir(model_dir)
+    check_translator_dir(model_dir)
     if not force:
         check_languages(model_dir, data_dir, meta)
     if out.is_dir():
@@ -157,17 +157,21 @@ def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str =
 def markdown_table(results: Sequence[dict]) -> str:
     """Model, parameters, BLEU (with bootstrap 95% CI and p-value vs the first row), chrF, decoding speed
     (and its ratio to the first row's), for one split, beam and thread count."""
+    from combinekd.engines import ct2_threads
+
     rows = ["| model | params | BLEU | chrF | p vs first | sent/s | speed vs first |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         boot = r.get("bootstrap", {})
         ci = f" ± {boot['ci']:.2f}" if boot.get("ci") is not None else ""
         p = f"{boot['p_value']:.4f}" if boot.get("p_value") is not None else "-"
-        rows.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
+        name = f"{r['model']} (CTranslate2)" if r.get("engine") == "ctranslate2" else r["model"]
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
                     f"{r['sentences_per_s']:.1f} | {r['sentences_per_s'] / results[0]['sentences_per_s']:.2f}x |")
     first = results[0]
     rows.append(f"\n{first['n_sentences']} {first['split']} sentences, beam {first['beam']}, "
-                f"{torch.get_num_threads()} threads; BLEU {first['signature']}")
+                f"{torch.get_num_threads()} threads (CTranslate2: {ct2_threads()[0]} translator threads); "
+                f"BLEU {first['signature']}")
     return "\n".join(rows)
 
 
@@ -178,7 +182,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     write the hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
 
     A model that records other languages than the data's is refused unless ``force``."""
-    from combinekd.models import count_parameters, input_limit, load_model
+    from combinekd.engines import load_translator
 
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
@@ -193,15 +197,15 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     sources, refs = sources[:limit], [r[:limit] for r in refs]
     out_path = hypotheses_path(model_dir, split, meta, out)
     check_before_decoding(model_dir, data_dir, meta, out_path, force)
-    model, tokenizer = load_model(model_dir)
-    if cut := too_long(model, tokenizer, sources):
-        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the "
-             f"{input_limit(model, tokenizer)} tokens {model_dir} reads: their ends are not translated")
+    engine = load_translator(model_dir)  # a Hugging Face model dir or a CTranslate2 export
+    if cut := engine.too_long(sources):
+        warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {engine.max_positions} "
+             f"tokens {model_dir} reads: their ends are not translated")
     start = time.perf_counter()
-    hyps = translate(model, tokenizer, sources, beam=beam, batch_size=batch_size, progress=True)
+    hyps = engine.translate(sources, beam=beam, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - start
     with atomic_file(out_path) as staged:
         staged.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
-            "params": count_parameters(model), "beam": beam, "split": split, "hypotheses": str(out_path),
+            "params": engine.params, "engine": engine.engine, "beam": beam, "split": split, "hypotheses": str(out_path),
             "decode_seconds": round(seconds, 2), "sentences_per_s": round(len(sources) / seconds, 2)}

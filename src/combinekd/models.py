@@ -101,6 +101,9 @@ def load_model(path: str | Path, attn_implementation: str | None = None):
 
 def check_model_dir(path: str | Path) -> None:
     """Refuse a path that is not a Hugging Face model dir (with a hint when it looks like a Hub id)."""
+    if (Path(path) / "model.bin").is_file() and (Path(path) / "combinekd_export.json").is_file():
+        raise UserError(f"{path} is a CTranslate2 export, which only translates: give the Hugging Face model "
+                        f"dir it was exported from (its combinekd_export.json names it)")
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"no model found at {path} (expected a Hugging Face model dir with config.json)"
                         f"{hub_hint(path)}")

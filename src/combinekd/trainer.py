@@ -24,6 +24,7 @@ from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
 from combinekd.errors import UserError
+from combinekd.card import write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
 
 
@@ -332,6 +333,7 @@ def _train(cfg: Config, resume: bool) -> dict:
     summary = _summary(cfg, meta, progress)
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_train_card(out)  # README.md: the best model's card
         log.close()
         writer.close()
     accelerator.wait_for_everyone()

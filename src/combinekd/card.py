@@ -1,0 +1,157 @@
+"""Model cards: a ``README.md`` in the Hugging Face model-card format for every model dir that
+``train`` or ``export`` writes (YAML header, then what the model is, how it was made, its scores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from combinekd.files import atomic_file
+
+TAGS = ("translation", "combinekd", "knowledge-distillation")
+METRICS = ("bleu", "chrf")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _header(languages: list[str]) -> str:
+    lines = ["---", "language:"] + [f"- {lang}" for lang in languages if lang]
+    if not any(languages):
+        lines[-1] = "language: []"
+    lines += ["license:  # fill in: the license of your training data and teacher allows", "tags:"]
+    lines += [f"- {tag}" for tag in TAGS] + ["metrics:"] + [f"- {m}" for m in METRICS] + ["---", ""]
+    return "\n".join(lines)
+
+
+def _shape(config: dict) -> str:
+    arch = {"pegasus": "pre-LN Transformer (transformers' Pegasus classes)",
+            "marian": "post-LN Transformer (transformers' Marian classes)"}.get(config.get("model_type"),
+                                                                            str(config.get("model_type")))
+    return (f"{arch}: {config.get('encoder_layers')} encoder + {config.get('decoder_layers')} decoder layers, "
+            f"d_model {config.get('d_model')}, feed-forward {config.get('encoder_ffn_dim')}, "
+            f"{config.get('encoder_attention_heads')} heads, vocabulary {config.get('vocab_size')}, "
+            f"at most {config.get('max_position_embeddings')} tokens")
+
+
+def _params(model_dir: Path) -> int | None:
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from combinekd.export import _count_parameters
+
+    return _count_parameters(weights)
+
+
+def _objective(model_dir: Path) -> list[str]:
+    """The objective's describe() lines as the (last) run recorded them in train_log.jsonl."""
+    lines: list[str] = []
+    try:
+        text = (model_dir / "train_log.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return lines
+    for row in text.splitlines():
+        try:
+            entry = json.loads(row)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("objective"), list):
+            lines = [str(x) for x in entry["objective"]]
+    return lines
+
+
+def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
+    """``(markdown lines, languages)`` about how the model in ``model_dir`` was trained."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((model_dir / "train_config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    summary = _read_json(model_dir / "train_summary.json")
+    data = cfg.get("data_dir") or summary.get("data")
+    meta = _read_json(Path(data) / "meta.json") if data else {}
+    languages = [meta.get("src_lang"), meta.get("tgt_lang")]
+    if not cfg and not summary:
+        return [], languages
+    lines = ["## Training", ""]
+    distill = cfg.get("distill")
+    if distill:
+        weights = ", ".join(f"{k} {distill.get(k)}" for k in ("w_hard", "w_soft", "w_layer", "w_attn")
+                            if distill.get(k) is not None)
+        lines += [f"- Method: knowledge distillation (combinekd) from the teacher `{distill.get('teacher')}`"
+                  f" (weights preset `{distill.get('weights')}`: {weights}; temperature {distill.get('temperature')})"]
+        if distill.get("init_from_teacher"):
+            lines += [f"- Initialised from the teacher: `{json.dumps(distill['init_from_teacher'])}`"]
+    else:
+        lines += ["- Method: trained from scratch with label-smoothed cross-entropy (no teacher)"]
+    objective = _objective(model_dir)
+    if objective:
+        lines += ["- Objective and layer mapping:", ""] + [f"      {line}" for line in objective] + [""]
+    lines += [f"- Data: `{data}` ({meta.get('src_lang')}->{meta.get('tgt_lang')}, "
+              f"{summary.get('pairs', '?')} training pairs)"]
+    if summary:
+        lines += [f"- Updates: {summary.get('steps')} (best dev BLEU at update {summary.get('best_step')}"
+                  f"{', stopped early' if summary.get('stopped_early') else ''}); "
+                  f"{summary.get('train_seconds')} s of training"]
+    lines += ["- Full configuration: `train_config.yaml`; training log: `train_log.jsonl`", ""]
+    if summary.get("best_dev_bleu") is not None:
+        from combinekd.evaluate import corpus_scores
+
+        signature = corpus_scores(["x"], [["x"]])["signature"]  # the signature validation's BLEU has
+        train = cfg.get("train") or {}
+        beam, cap = train.get("eval_beam"), train.get("eval_max_sentences")
+        lines += ["## Scores", "", "| split | BLEU |", "|---|---:|",
+                  f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |", "",
+                  f"sacreBLEU signature: `{signature}`", "",
+                  f"Dev BLEU: validation during training (beam {beam}"
+                  f"{f', first {cap} sentences' if cap else ''}). For test BLEU and chrF with their signatures "
+                  "run `combinekd evaluate MODEL_DIR --data DATADIR`.", ""]
+    return lines, languages
+
+
+def write_train_card(model_dir: str | Path) -> Path:
+    """Write ``model_dir/README.md`` for the best model a ``train`` run saved there."""
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    training, languages = training_section(model_dir)
+    params = _params(model_dir)
+    lines = [_header(languages), f"# {model_dir.name}", "",
+             f"A {languages[0]}->{languages[1]} translation model trained with combinekd.", "",
+             "## Model", "", f"- {_shape(config)}",
+             f"- Parameters: {params:,}" if params else "- Parameters: unknown",
+             f"- Size on disk: {(model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB (safetensors)"
+             if (model_dir / "model.safetensors").is_file() else "", "",
+             "Use: `combinekd translate MODEL_DIR < input.txt`, or transformers' "
+             "`pipeline(\"translation\", model=MODEL_DIR)`; `combinekd export` makes a CTranslate2 copy.", ""]
+    return _write(model_dir, lines + training)
+
+
+def write_export_card(out: str | Path, source: str | Path, info: dict, name: str | None = None) -> Path:
+    """Write ``out/README.md`` for a CTranslate2 export of ``source`` (titled ``name``, default out's name;
+    ``out`` may be a staging dir)."""
+    out, source = Path(out), Path(source)
+    config = _read_json(source / "config.json")
+    training, languages = training_section(source)
+    languages = [info.get("source_lang") or languages[0], info.get("target_lang") or languages[1]]
+    size = (out / "model.bin").stat().st_size if (out / "model.bin").is_file() else 0
+    lines = [_header(languages), f"# {name or out.name}", "",
+             f"A CTranslate2 export ({info['quantization']}) of the {languages[0]}->{languages[1]} model "
+             f"`{info['source_model']}`, made by `combinekd export` with ctranslate2's TransformersConverter.", "",
+             "## Model", "", f"- {_shape(config)}", f"- Parameters: {info.get('params', 0):,}",
+             f"- Quantization: {info['quantization']}", f"- Size on disk: {size / 1e6:.1f} MB (model.bin)", "",
+             "Use: `combinekd translate DIR < input.txt` or `combinekd evaluate DIR --data DATADIR` "
+             "(the SentencePiece tokenizer files are in this dir).", ""]
+    return _write(out, lines + training)
+
+
+def _write(directory: Path, lines: list[str]) -> Path:
+    target = directory / "README.md"
+    with atomic_file(target) as staged:
+        staged.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return target
