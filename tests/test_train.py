@@ -176,3 +176,31 @@ def test_overrides_merge_sections_and_leave_the_callers_dicts_alone(tmp_path):
     (tmp_path / "c.yaml").write_text("model: {decoder_layers: 2}\n")
     from_file = load_config(tmp_path / "c.yaml", base=base)
     assert (from_file.model.encoder_layers, from_file.model.decoder_layers) == (3, 2)
+
+
+def test_the_update_is_normalised_by_all_its_target_tokens(data_dir, tmp_path):
+    """Gradient accumulation weights each micro-batch by its target tokens (fairseq), not 1/grad_accum."""
+    from accelerate import Accelerator
+
+    from combinekd.data import collate, load_split, load_tokenizer
+    from combinekd.distill import build_objective
+    from combinekd.trainer import accumulate_gradients
+
+    tokenizer = load_tokenizer(data_dir)
+    split = load_split(data_dir, "train")
+    micro = [collate(split, [0, 1, 2, 3, 4], tokenizer.pad_token_id), collate(split, [5], tokenizer.pad_token_id)]
+    tokens = [int((b["labels"] != -100).sum()) for b in micro]
+    assert tokens[0] != tokens[1]
+    torch.manual_seed(0)
+    objective = build_objective(tiny_config(data_dir, tmp_path / "o", **{"model.dropout": 0.0}), tokenizer)
+    parts, total = accumulate_gradients(Accelerator(cpu=True), objective, micro)
+    assert total == sum(tokens)
+    params = [p for p in objective.parameters() if p.grad is not None]
+    got = [p.grad.clone() for p in params]
+
+    objective.zero_grad()
+    losses = [objective(b)["loss"] for b in micro]
+    reference = sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens)
+    reference.backward()
+    assert params and all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(got, params))
+    assert parts["loss"].item() == pytest.approx(reference.item(), rel=1e-5)

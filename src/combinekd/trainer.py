@@ -288,16 +288,10 @@ def _train(cfg: Config, resume: bool) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
     while progress["step"] < cfg.train.max_steps:
-        parts: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.train.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
-            sync = micro == cfg.train.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                output = model(batch)
-                accelerator.backward(output["loss"] / cfg.train.grad_accum)
-            for key, value in output.items():  # tensors: turned into floats only when logged
-                parts[key] = parts.get(key, 0.0) + value.detach() / cfg.train.grad_accum
-            window_tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes
+        micro_batches = [{k: v.to(accelerator.device) for k, v in next(stream).items()}
+                         for _ in range(cfg.train.grad_accum)]
+        parts, update_tokens = accumulate_gradients(accelerator, model, micro_batches)
+        window_tokens += update_tokens
         if not _finite_everywhere(accelerator, parts["loss"]):
             _skip_update(cfg, optimizer, progress, record)
             continue
@@ -374,6 +368,28 @@ def _finished_run(last: Path, cfg: Config) -> tuple[str, dict] | None:
         return (f"the run in {where} already finished ({step} updates, train.max_steps={cfg.train.max_steps}): "
                 f"nothing to resume; raise train.max_steps to train on", progress)
     return None
+
+
+def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward the micro-batches of one update; returns the logged loss parts (this process's
+    token-weighted means, as tensors) and the update's target tokens over all processes.
+
+    Each micro-batch's per-token loss is weighted by its share of the target tokens of the whole update
+    (all micro-batches, all processes), as fairseq does: the gradient is that of the loss summed over the
+    update's tokens divided by their number, however the tokens fall into micro-batches or processes.
+    (DDP averages gradients over processes, hence the factor ``num_processes``.)"""
+    tokens = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
+    local = max(sum(tokens), 1)
+    total = int(accelerator.reduce(torch.tensor(sum(tokens), device=accelerator.device), reduction="sum"))
+    parts: dict[str, torch.Tensor] = {}
+    for micro, (batch, n) in enumerate(zip(micro_batches, tokens)):
+        last = micro == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            output = model(batch)
+            accelerator.backward(output["loss"] * (n * accelerator.num_processes / max(total, 1)))
+        for key, value in output.items():  # tensors: turned into floats only when logged
+            parts[key] = parts.get(key, 0.0) + value.detach() * (n / local)
+    return parts, total
 
 
 def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
