@@ -1,6 +1,6 @@
 """Cost of a distillation step against its unavoidable parts, same batches, same run:
 
-    ratio = time(Distiller step) / (time(student train step) + time(teacher forward))
+    ratio = time(Objective step) / (time(student train step) + time(teacher forward))
 
     python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8]
 
@@ -20,8 +20,8 @@ import torch
 
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
-from combinekd.distill import Distiller, build_objective
-from combinekd.models import build_model, save_model
+from combinekd.distill import Objective, build_objective
+from combinekd.models import build_model, save_model_dir
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
          "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
@@ -41,7 +41,7 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
     tokenizer = load_tokenizer(data)
     with tempfile.TemporaryDirectory() as tmp:
         t_cfg = load_config(teacher_yaml, [f"data_dir={data}", f"output_dir={tmp}/t"])
-        save_model(build_model(t_cfg.model, tokenizer), tokenizer, f"{tmp}/teacher")
+        save_model_dir(build_model(t_cfg.model, tokenizer), tokenizer, f"{tmp}/teacher")
         sets = [f"data_dir={data}", f"output_dir={tmp}/s", f"distill.teacher={tmp}/teacher"]
         if max_tokens:
             sets.append(f"train.max_tokens={max_tokens}")
@@ -53,7 +53,7 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
 
         torch.manual_seed(0)
         kd = build_objective(cfg, tokenizer)
-        plain = Distiller(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None}))
+        plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None}))
         teacher = kd.teacher
 
         def train_step(objective, optimizer):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from combinekd.cli import main
 from combinekd.config import STRATEGIES, ModelConfig
 from combinekd.data import collate, load_split, load_tokenizer, read_meta
-from combinekd.distill import Distiller, build_objective
+from combinekd.distill import Objective, build_objective
 from combinekd.errors import UserError
-from combinekd.models import build_model, save_model
+from combinekd.models import build_model, save_model_dir
 from combinekd.trainer import train
 
 from conftest import prepare_corpus, tiny_config, write_corpus
@@ -30,7 +30,7 @@ def teacher_dir(data_dir, tmp_path_factory):
     model = build_model(ModelConfig(encoder_layers=4, decoder_layers=4, d_model=96, ffn_dim=128, heads=4,
                                     max_length=64), tokenizer)
     path = tmp_path_factory.mktemp("kd") / "teacher"
-    save_model(model, tokenizer, path)
+    save_model_dir(model, tokenizer, path)
     return path
 
 
@@ -50,7 +50,7 @@ def test_identical_student_has_zero_layer_and_soft_loss(data_dir, tmp_path):
     same = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=64, ffn_dim=128, heads=4, dropout=0.0,
                        max_length=64)
     teacher = build_model(same, tokenizer)
-    save_model(teacher, tokenizer, tmp_path / "twin")
+    save_model_dir(teacher, tokenizer, tmp_path / "twin")
     cfg = kd_config(data_dir, tmp_path / "o", tmp_path / "twin", **{
         "model.dropout": 0.0, "distill.encoder.strategy": "skip", "distill.decoder.strategy": "skip",
         "distill.teacher_bf16": False})

@@ -135,10 +135,10 @@ def test_overwrite_replaces_an_export(trained_model, tmp_path, capsys):
 
 def test_a_ct2_dir_is_refused_as_a_teacher(exports):
     from combinekd.errors import UserError
-    from combinekd.models import load_model
+    from combinekd.models import load_model_dir
 
     with pytest.raises(UserError, match="CTranslate2 export"):
-        load_model(exports["int8"])
+        load_model_dir(exports["int8"])
 
 
 def test_model_cards_name_the_right_scores(trained_model, exports):
@@ -226,7 +226,7 @@ def test_both_architectures_convert_to_the_same_greedy_tokens(arch, data_dir, tm
     from combinekd.data import load_tokenizer
     from combinekd.engines import load_translator
     from combinekd.export import export_model
-    from combinekd.models import build_model, save_model
+    from combinekd.models import build_model, save_model_dir
 
     tokenizer = load_tokenizer(data_dir)
     torch.manual_seed(1)
@@ -235,7 +235,7 @@ def test_both_architectures_convert_to_the_same_greedy_tokens(arch, data_dir, tm
     with torch.no_grad():  # a spread of logits, so that greedy output is not one repeated token
         model.get_input_embeddings().weight.normal_(0, 1)
         model.get_input_embeddings().weight[tokenizer.pad_token_id].zero_()  # as training keeps it
-    save_model(model, tokenizer, tmp_path / "hf")
+    save_model_dir(model, tokenizer, tmp_path / "hf")
     export_model(tmp_path / "hf", tmp_path / "ct2", quantization="float32")
     hf, ct2 = load_translator(tmp_path / "hf"), load_translator(tmp_path / "ct2")
     for sentence in SENTENCES:

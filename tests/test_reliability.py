@@ -21,10 +21,10 @@ import combinekd
 from combinekd.cli import main
 from combinekd.config import ModelConfig, dump_config
 from combinekd.data import Split, load_tokenizer
-from combinekd.distill import Distiller
+from combinekd.distill import Objective
 from combinekd.errors import UserError
 from combinekd.files import atomic_dir, atomic_file, recover
-from combinekd.models import build_model, load_model, save_model
+from combinekd.models import build_model, load_model_dir, save_model_dir
 from combinekd.trainer import BatchStream, load_checkpoint, rng_state, save_checkpoint, train
 
 from conftest import prepare_corpus, tiny_config, write_corpus
@@ -153,7 +153,7 @@ def model_dir(data_dir, tmp_path) -> Path:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(data_dir)
     shape = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=32, ffn_dim=64, heads=4, max_length=64)
-    save_model(build_model(shape, tokenizer), tokenizer, tmp_path / "model")
+    save_model_dir(build_model(shape, tokenizer), tokenizer, tmp_path / "model")
     return tmp_path / "model"
 
 
@@ -182,10 +182,10 @@ def _edit_config(path: Path, **changes) -> None:
      r"pytorch_model.bin: pickle checkpoints are not loaded"),
 ])
 def test_model_loading_is_strict(model_dir, breakage, message):
-    load_model(model_dir)  # intact: loads
+    load_model_dir(model_dir)  # intact: loads
     breakage(model_dir)
     with pytest.raises(UserError, match=message):
-        load_model(model_dir)
+        load_model_dir(model_dir)
 
 
 def test_a_broken_model_is_one_line_and_exit_2(model_dir, data_dir, capsys):
@@ -204,7 +204,7 @@ def test_nothing_unpickles_without_weights_only():
 # ----------------------------------------------------------------------------- 5. numerics
 def _nan_loss_at(monkeypatch, calls) -> None:
     """Make the objective's loss NaN on the given forward calls (1-based; one call per update here)."""
-    original, counter = Distiller.forward, itertools.count(1)
+    original, counter = Objective.forward, itertools.count(1)
 
     def forward(self, batch):
         output = original(self, batch)
@@ -212,7 +212,7 @@ def _nan_loss_at(monkeypatch, calls) -> None:
             output["loss"] = output["loss"] * float("nan")
         return output
 
-    monkeypatch.setattr(Distiller, "forward", forward)
+    monkeypatch.setattr(Objective, "forward", forward)
 
 
 def test_a_non_finite_loss_skips_the_update(data_dir, tmp_path, monkeypatch):
@@ -333,11 +333,11 @@ def test_the_readme_conversion_makes_a_pickle_only_model_loadable(model_dir):
     """README, "A downloaded pretrained teacher": from_pretrained + save_pretrained writes safetensors."""
     from transformers import AutoModelForSeq2SeqLM
 
-    model, _ = load_model(model_dir)
+    model, _ = load_model_dir(model_dir)
     model.save_pretrained(str(model_dir), safe_serialization=False)
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(UserError, match="pickle"):
-        load_model(model_dir)
+        load_model_dir(model_dir)
     AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).save_pretrained(str(model_dir))
-    again, _ = load_model(model_dir)
+    again, _ = load_model_dir(model_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

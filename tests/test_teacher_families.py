@@ -14,7 +14,7 @@ from combinekd.cli import main
 from combinekd.data import collate, load_split, load_tokenizer
 from combinekd.distill import build_objective
 from combinekd.errors import UserError
-from combinekd.models import input_limit, load_model, max_positions, save_model
+from combinekd.models import input_limit, load_model_dir, max_positions, save_model_dir
 
 from conftest import tiny_config
 
@@ -51,7 +51,7 @@ def teachers(data_dir, tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         tokenizer = load_tokenizer(data_dir)
         dirs[family] = root / family
-        save_model(tiny_teacher(family, tokenizer), tokenizer, dirs[family])
+        save_model_dir(tiny_teacher(family, tokenizer), tokenizer, dirs[family])
     return dirs
 
 
@@ -61,11 +61,11 @@ def batch(data_dir, n=4):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_loads_with_an_attention_it_has(teachers, family):
-    model, tokenizer = load_model(teachers[family])
+    model, tokenizer = load_model_dir(teachers[family])
     # T5 has no SDPA attention: transformers' default falls back to eager instead of refusing the model
     assert model.config._attn_implementation == ("eager" if family == "t5" else "sdpa")
     assert max_positions(model) == (None if family == "t5" else 64)  # T5: relative positions, no limit
-    assert load_model(teachers[family], attn_implementation="eager")[0].config._attn_implementation == "eager"
+    assert load_model_dir(teachers[family], attn_implementation="eager")[0].config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -142,7 +142,7 @@ def test_t5_reads_as_far_as_its_tokenizer_records_or_without_limit(teachers):
 
     from combinekd.evaluate import too_long, translate
 
-    model, tokenizer = load_model(teachers["t5"])
+    model, tokenizer = load_model_dir(teachers["t5"])
     assert input_limit(model, tokenizer) == tokenizer.model_max_length == 512  # the data tokenizer's
     assert [i for i, _ in too_long(model, tokenizer, ["w1", "w1 " * 600])] == [1]
     tokenizer.model_max_length = VERY_LARGE_INTEGER  # a tokenizer that records no limit
@@ -154,7 +154,7 @@ def test_a_model_that_is_not_an_encoder_decoder_is_refused(data_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = load_tokenizer(data_dir)
-    save_model(GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)),
+    save_model_dir(GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)),
                tokenizer, tmp_path / "gpt2")
     with pytest.raises(UserError, match=r"`gpt2` model, not an encoder-decoder.*Marian, BART/mBART, M2M100/NLLB"):
-        load_model(tmp_path / "gpt2")
+        load_model_dir(tmp_path / "gpt2")

@@ -21,7 +21,7 @@ from combinekd.cli import build_parser, main
 from combinekd.config import ModelConfig, load_config
 from combinekd.data import load_tokenizer, read_lines, read_meta
 from combinekd.errors import UserError
-from combinekd.models import build_model, load_model, save_model
+from combinekd.models import build_model, load_model_dir, save_model_dir
 
 from conftest import tiny_config, write_corpus
 
@@ -36,7 +36,7 @@ def model_dir(data_dir, tmp_path_factory) -> Path:
     model = build_model(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=32, ffn_dim=64, heads=2,
                                     max_length=64), tokenizer)
     path = tmp_path_factory.mktemp("usability") / "model"
-    save_model(model, tokenizer, path)
+    save_model_dir(model, tokenizer, path)
     return path
 
 
@@ -123,7 +123,7 @@ def test_saved_tokenizer_limit_is_the_models(model_dir):
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     model_config = json.loads((model_dir / "config.json").read_text())
     assert tokenizer_config["model_max_length"] == model_config["max_position_embeddings"] == 64
-    assert load_model(model_dir)[1].model_max_length == 64
+    assert load_model_dir(model_dir)[1].model_max_length == 64
     from transformers import pipeline
 
     translator = pipeline("translation", model=str(model_dir))
@@ -142,7 +142,7 @@ def test_translate_warns_when_it_truncates(model_dir, monkeypatch, capsys):
 def test_empty_input_line_gives_empty_output_line(model_dir, monkeypatch, capsys):
     from combinekd.evaluate import translate
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model_dir(model_dir)
     sizes = []
     generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: sizes.append(len(kw["input_ids"])) or generate(**kw))
@@ -213,7 +213,7 @@ def test_model_dir_without_tokenizer_is_one_line(model_dir, tmp_path, capsys):
 def test_hub_id_gets_a_download_hint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"Hub id.*download"):
-        load_model("Helsinki-NLP/opus-mt-de-en")
+        load_model_dir("Helsinki-NLP/opus-mt-de-en")
     with pytest.raises(UserError, match=r"Hub id.*download"):
         load_tokenizer("Helsinki-NLP/opus-mt-de-en")
 

@@ -1,5 +1,5 @@
-"""The Distiller: a student, an optional frozen teacher, the layer mapping M, the combiners and
-the loss terms, put together into the one objective the trainer minimises::
+"""The training objective: a student, an optional frozen teacher, the layer mapping M, the combiners and
+the loss terms, put together into the one loss the trainer minimises::
 
     L = w_hard * CE_ls(S, gold) + w_soft * T^2 * KL(p_T || p_S)
         + w_layer * sum_side sum_i LayerLoss(h_S^i, Combine_i({h_T^j : j in M(i)}))
@@ -33,7 +33,7 @@ def num_layers(model_config: Any, side: str) -> int:
     raise UserError(f"cannot tell the {side} depth of a `{model_config.model_type}` model")
 
 
-class Distiller(nn.Module):
+class Objective(nn.Module):
     """Student + frozen teacher + combiners -> one loss per batch (normalised per token).
 
     The teacher is deliberately *not* a registered submodule: it is never optimised, saved in
@@ -248,15 +248,15 @@ def _check_same_parameters(s_layer: nn.Module, t_layer: nn.Module, teacher_type:
                         f"drop init_from_teacher for this teacher")
 
 
-def build_objective(cfg: Config, tokenizer) -> Distiller:
+def build_objective(cfg: Config, tokenizer) -> Objective:
     """The objective for a config: plain CE training, or KD from ``cfg.distill.teacher``."""
-    from combinekd.models import build_model, check_same_vocabulary, load_model
+    from combinekd.models import build_model, check_same_vocabulary, load_model_dir
 
     needs_attn = bool(cfg.distill and cfg.distill.w_attn > 0)
     student = build_model(cfg.model, tokenizer, attn_implementation="eager" if needs_attn else "sdpa")
     if cfg.distill is None:
-        return Distiller(student, cfg)
-    teacher, teacher_tokenizer = load_model(cfg.distill.teacher, attn_implementation="eager" if needs_attn else None)
+        return Objective(student, cfg)
+    teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher, attn_implementation="eager" if needs_attn else None)
     check_same_vocabulary(teacher_tokenizer, tokenizer, f"the teacher {cfg.distill.teacher}",
                           f"the data in {cfg.data_dir}")
     teacher.eval().requires_grad_(False)
@@ -267,4 +267,4 @@ def build_objective(cfg: Config, tokenizer) -> Distiller:
         init_from_teacher(student, teacher, cfg.distill.init_from_teacher)
     if cfg.distill.teacher_bf16:  # bf16 weights: no autocast round trips on every forward
         teacher.to(torch.bfloat16)
-    return Distiller(student, cfg, teacher)
+    return Objective(student, cfg, teacher)

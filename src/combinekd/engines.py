@@ -53,10 +53,10 @@ class HFTranslator:
     engine = "transformers"
 
     def __init__(self, path: str | Path):
-        from combinekd.models import count_parameters, input_limit, load_model
+        from combinekd.models import count_parameters, input_limit, load_model_dir
 
         self.path = Path(path)
-        self.model, self.tokenizer = load_model(path)
+        self.model, self.tokenizer = load_model_dir(path)
         self.params = count_parameters(self.model)
         self.max_positions = input_limit(self.model, self.tokenizer)  # None: no limit (T5)
         self.size = _size_on_disk(self.path / "model.safetensors") if (self.path / "model.safetensors").is_file() \

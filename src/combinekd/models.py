@@ -63,7 +63,7 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     return model
 
 
-def load_model(path: str | Path, attn_implementation: str | None = None):
+def load_model_dir(path: str | Path, attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT).
 
     Any transformers encoder-decoder (tested: Marian, BART, mBART, M2M100/NLLB, Pegasus, T5).
@@ -164,7 +164,7 @@ def _loading_problems(info: dict, shown: int = 3) -> str:
     return "; ".join(problems)
 
 
-def save_model(model, tokenizer, path: str | Path) -> None:
+def save_model_dir(model, tokenizer, path: str | Path) -> None:
     """Write a standard HF model dir (safetensors weights + tokenizer); its other files are kept.
 
     The files are staged and moved into place together (files.atomic_dir). The tokenizer's

@@ -14,7 +14,7 @@ from combinekd.data import (Split, check_data_out, data_dir_writer, encode, load
                             save_split, split_text)
 from combinekd.errors import UserError
 from combinekd.evaluate import translate
-from combinekd.models import check_same_vocabulary, load_model
+from combinekd.models import check_same_vocabulary, load_model_dir
 
 
 def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path, *, beam: int = 5,
@@ -26,7 +26,7 @@ def distill_data(teacher_dir: str | Path, data_dir: str | Path, out: str | Path,
     data_dir, out = Path(data_dir), Path(out)
     meta = read_meta(data_dir)
     check_data_out(out, overwrite)
-    teacher, tokenizer = load_model(teacher_dir)
+    teacher, tokenizer = load_model_dir(teacher_dir)
     check_same_vocabulary(tokenizer, load_tokenizer(data_dir), f"the teacher {teacher_dir}", f"the data in {data_dir}")
     sources, _ = split_text(data_dir, "train")
     partial = out.with_name(f".{out.name}.partial.tgt")

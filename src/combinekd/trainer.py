@@ -3,7 +3,7 @@ validation with dev BLEU, atomic safetensors checkpoints, early stopping and exa
 
 The loop optimises whatever ``objective`` it is given: an ``nn.Module`` whose ``forward(batch)``
 returns ``{"loss": scalar, ...logged parts}`` and whose ``.student`` is the HF model being
-trained (see ``distill.Distiller``). It knows nothing of the KD maths.
+trained (see ``distill.Objective``). It knows nothing of the KD maths.
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
     """Validate, keep the best model in ``out`` and the last checkpoint; returns seconds spent."""
     from accelerate.utils import gather_object
 
-    from combinekd.models import save_model as save_hf_model
+    from combinekd.models import save_model_dir
 
     start = time.perf_counter()
     if accelerator.is_main_process:
@@ -424,7 +424,7 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
         if improved:
             progress.update(best_bleu=scores["dev_bleu"], best_step=progress["step"], bad_evals=0)
             saving = time.perf_counter()
-            save_hf_model(student, tokenizer, out)
+            save_model_dir(student, tokenizer, out)
             progress["saving_seconds"] += time.perf_counter() - saving
         else:
             progress["bad_evals"] += 1
