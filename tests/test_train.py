@@ -204,3 +204,19 @@ def test_the_update_is_normalised_by_all_its_target_tokens(data_dir, tmp_path):
     reference.backward()
     assert params and all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(got, params))
     assert parts["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_the_run_log_is_silent_off_the_main_process(tmp_path):
+    from combinekd.trainer import RunLog
+
+    quiet = RunLog(tmp_path / "other", active=False, total_steps=3, initial_step=0)
+    quiet.record({"step": 1, "loss": 2.0})
+    quiet.say("nothing")
+    quiet.close()
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "main").mkdir()
+    log = RunLog(tmp_path / "main", active=True, total_steps=3, initial_step=0)
+    log.record({"step": 1, "loss": 2.0})
+    log.close()
+    assert json.loads((tmp_path / "main" / "train_log.jsonl").read_text()) == {"step": 1, "loss": 2.0}
+    assert any((tmp_path / "main" / "tensorboard").iterdir())

@@ -221,8 +221,6 @@ def _train(cfg: Config, resume: bool) -> dict:
     """The run itself (see :func:`train`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
     from transformers import get_inverse_sqrt_schedule, set_seed
 
     from combinekd.distill import build_objective
@@ -267,25 +265,14 @@ def _train(cfg: Config, resume: bool) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        writer = SummaryWriter(str(out / "tensorboard"))
-        log = (out / "train_log.jsonl").open("a", encoding="utf-8")
-        description = objective.describe()
-        for line in description:
-            tqdm.write(line)
+    log = RunLog(out, main, cfg.train.max_steps, progress["step"])
+    record, bar = log.record, log.bar
+    description = objective.describe()
+    for line in description:
+        log.say(line)
+    record({"step": progress["step"], "objective": description, "resumed": resume})
     autocast = accelerator.autocast if cfg.train.bf16 else nullcontext  # a factory: called per use
-
-    def record(entry: dict) -> None:
-        if main:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    writer.add_scalar(key, value, entry["step"])
-
-    if main:
-        record({"step": progress["step"], "objective": description, "resumed": resume})
     model.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=progress["step"], disable=not main, desc="train", dynamic_ncols=True)
     window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
     while progress["step"] < cfg.train.max_steps:
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(stream).items()}
@@ -323,16 +310,49 @@ def _train(cfg: Config, resume: bool) -> dict:
                                                optimizer, scheduler, stream, progress, record, out, last)
             if progress["stopped_early"]:
                 break
-    bar.close()
+    log.close()
     summary = _summary(cfg, meta, progress)
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         write_train_card(out)  # README.md: the best model's card
-        log.close()
-        writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+class RunLog:
+    """A run's logs in one object: ``train_log.jsonl``, TensorBoard scalars and the console (a tqdm bar
+    and lines). Silent on every process but the main one."""
+
+    def __init__(self, out: Path, active: bool, total_steps: int, initial_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.active = active
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not active, desc="train", dynamic_ncols=True)
+        if active:
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.file = (out / "train_log.jsonl").open("a", encoding="utf-8")
+
+    def record(self, entry: dict) -> None:
+        """One JSON line; every number in it (but the step) also becomes a TensorBoard scalar."""
+        if not self.active:
+            return
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, entry["step"])
+
+    def say(self, line: str) -> None:
+        if self.active:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.active:
+            self.file.close()
+            self.writer.close()
 
 
 def _summary(cfg: Config, meta: dict, progress: dict) -> dict:
