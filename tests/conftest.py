@@ -54,6 +54,18 @@ def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> "Config":  # n
     return load_config(None, sets, base=base)
 
 
+def save_random_model(data_dir: Path, path: Path, seed: int, **shape) -> Path:
+    """A randomly initialised combinekd model of the given shape, saved with the data's tokenizer."""
+    from combinekd.config import ModelConfig
+    from combinekd.data import load_tokenizer
+    from combinekd.models import build_model, save_model_dir
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(data_dir)
+    save_model_dir(build_model(ModelConfig(max_length=64, **shape), tokenizer), tokenizer, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -17,7 +17,7 @@ from combinekd.errors import UserError
 from combinekd.models import build_model, save_model_dir
 from combinekd.trainer import train
 
-from conftest import prepare_corpus, tiny_config, write_corpus
+from conftest import prepare_corpus, save_random_model, tiny_config, write_corpus
 
 COMBINER_NAMES = ("linear", "student-up", "attention", "mean")
 
@@ -25,13 +25,8 @@ COMBINER_NAMES = ("linear", "student-up", "attention", "mean")
 @pytest.fixture(scope="session")
 def teacher_dir(data_dir, tmp_path_factory):
     """A 4+4-layer teacher of width 96 (random weights), saved like any local HF model dir."""
-    torch.manual_seed(1)
-    tokenizer = load_tokenizer(data_dir)
-    model = build_model(ModelConfig(encoder_layers=4, decoder_layers=4, d_model=96, ffn_dim=128, heads=4,
-                                    max_length=64), tokenizer)
-    path = tmp_path_factory.mktemp("kd") / "teacher"
-    save_model_dir(model, tokenizer, path)
-    return path
+    return save_random_model(data_dir, tmp_path_factory.mktemp("kd") / "teacher", seed=1, encoder_layers=4,
+                             decoder_layers=4, d_model=96, ffn_dim=128, heads=4)
 
 
 def kd_config(data_dir, out, teacher, **sets):

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from combinekd.cli import build_parser, main
-from combinekd.config import ModelConfig, load_config
+from combinekd.config import load_config
 from combinekd.data import load_tokenizer, read_lines, read_meta
 from combinekd.errors import UserError
-from combinekd.models import build_model, load_model_dir, save_model_dir
+from combinekd.models import load_model_dir
 
-from conftest import tiny_config, write_corpus
+from conftest import save_random_model, tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(data_dir, tmp_path_factory) -> Path:
     """A tiny random xx->yy model (64 positions) saved by combinekd, with its tokenizer."""
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(data_dir)
-    model = build_model(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=32, ffn_dim=64, heads=2,
-                                    max_length=64), tokenizer)
-    path = tmp_path_factory.mktemp("usability") / "model"
-    save_model_dir(model, tokenizer, path)
-    return path
+    return save_random_model(data_dir, tmp_path_factory.mktemp("usability") / "model", seed=0, encoder_layers=1,
+                             decoder_layers=1, d_model=32, ffn_dim=64, heads=2)
 
 
 @pytest.fixture

@@ -35,11 +35,6 @@ def check_translator_dir(path: str | Path) -> None:
     check_model_dir(path)
 
 
-def _max_new_tokens(source_tokens: int, limit: int) -> int:
-    """The decoding length bound both engines use (as evaluate.translate always did)."""
-    return min(limit - 1, int(source_tokens * 1.5) + 10)
-
-
 def _size_on_disk(path: Path) -> int:
     """Bytes of a file, or of the files in a dir (staging leftovers excluded)."""
     if path.is_file():
@@ -115,15 +110,16 @@ class CT2Translator:
         self._suppress = None if self.info.get("model_type") == "marian" else [[self.tokenizer.pad_token]]
 
     def too_long(self, sentences: Sequence[str]) -> list[tuple[int, int]]:
-        if not self.max_positions or not sentences:
-            return []
-        lengths = [len(ids) for ids in self.tokenizer(list(sentences))["input_ids"]]
-        return [(i, n) for i, n in enumerate(lengths) if n > self.max_positions]
+        from combinekd.evaluate import longer_than
+
+        return longer_than(self.tokenizer, sentences, self.max_positions)
 
     def translate(self, sentences: Sequence[str], beam: int = 5, batch_size: int = 32,
                   progress: bool = False) -> list[str]:
         """Length-sorted batches, the same length bound and pad suppression as the HF path."""
         from tqdm import tqdm
+
+        from combinekd.evaluate import decoding_length
 
         tok = self.tokenizer
         limit = self.max_positions or tok.model_max_length
@@ -136,7 +132,7 @@ class CT2Translator:
             tokens = [tok.convert_ids_to_tokens(x) for x in ids]
             pending.append((chunk, self.translator.translate_batch(
                 tokens, beam_size=beam, max_batch_size=batch_size, patience=BEAM_PATIENCE, asynchronous=True,
-                max_decoding_length=_max_new_tokens(max(len(x) for x in ids), limit),
+                max_decoding_length=decoding_length(max(len(x) for x in ids), limit),
                 max_input_length=limit, suppress_sequences=self._suppress, return_scores=False)))
         for chunk, results in tqdm(pending, disable=not progress, desc="translate", leave=False):
             for i, result in zip(chunk, results):

@@ -35,9 +35,7 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
         chunk = order[start:start + batch_size]
         enc = tokenizer([sentences[i] for i in chunk], return_tensors="pt", padding=True,
                         truncation=limit is not None, max_length=limit).to(model.device)
-        new_tokens = int(enc["input_ids"].shape[1] * 1.5) + 10
-        if limit:
-            new_tokens = min(limit - 1, new_tokens)
+        new_tokens = decoding_length(enc["input_ids"].shape[1], limit)
         out = model.generate(**enc, num_beams=beam, max_length=new_tokens + 1, do_sample=False)
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
             hyps[i] = text.strip()
@@ -45,11 +43,22 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
     return hyps
 
 
+def decoding_length(source_tokens: int, limit: int | None) -> int:
+    """The most target tokens decoded for a batch whose longest input has ``source_tokens`` tokens
+    (both engines use it): 1.5 times the input plus 10, within the model's positions."""
+    bound = int(source_tokens * 1.5) + 10
+    return min(limit - 1, bound) if limit else bound
+
+
 def too_long(model, tokenizer, sentences: Sequence[str]) -> list[tuple[int, int]]:
     """``(index, tokens)`` of each sentence longer than the model reads: :func:`translate` cuts those."""
     from combinekd.models import input_limit
 
-    limit = input_limit(model, tokenizer)
+    return longer_than(tokenizer, sentences, input_limit(model, tokenizer))
+
+
+def longer_than(tokenizer, sentences: Sequence[str], limit: int | None) -> list[tuple[int, int]]:
+    """``(index, tokens)`` of each sentence with more than ``limit`` tokens (none when there is no limit)."""
     if not limit or not sentences:
         return []
     lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
