@@ -20,7 +20,7 @@ import torch
 
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
-from combinekd.distill import Objective, build_objective
+from combinekd.distill import Objective, build_objective, decoder_input_ids
 from combinekd.models import build_model, save_model_dir
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
@@ -68,7 +68,7 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
         @torch.no_grad()
         def teacher_forward(batch):  # the teacher as the KD step runs it (bf16 weights when teacher_bf16)
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    decoder_input_ids=teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))
+                    decoder_input_ids=decoder_input_ids(teacher, batch["labels"]))
 
         student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
         teacher_s = timed(teacher_forward, batches)

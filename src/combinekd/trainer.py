@@ -165,6 +165,7 @@ def _load_rng(path: Path, rank: int, state: dict) -> None:
 def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str]], cfg: Config,
              autocast) -> dict:
     """Dev cross-entropy per target token and dev BLEU (sacreBLEU, greedy by default)."""
+    from combinekd.distill import decoder_input_ids
     from combinekd.evaluate import corpus_scores, translate
 
     student.eval()
@@ -174,7 +175,7 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
         batch = {k: v.to(student.device) for k, v in collate(dev, indices, tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")  # one forward: the model does not compute its own loss as well
         with autocast():
-            logits = student(**batch, decoder_input_ids=student.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+            logits = student(**batch, decoder_input_ids=decoder_input_ids(student, labels)).logits
         total += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum").item()
         tokens += int((labels != -100).sum())
     sources, refs = dev_text
@@ -225,8 +226,7 @@ def _train(cfg: Config, resume: bool) -> dict:
 
     from combinekd.distill import build_objective
 
-    out = Path(cfg.output_dir)
-    check_output_dir(out)
+    out = Path(cfg.output_dir)  # checked by train() before the lock was taken
     last = out / "checkpoints" / "last"
     if not resume and last.exists():
         raise UserError(f"{out} already holds a run: add --resume to continue it, or choose another output_dir")
