@@ -92,6 +92,8 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1000, ge=1, description="validate and checkpoint every N updates")
     eval_beam: int = Field(1, ge=1, description="beam size for the dev BLEU during training")
     eval_max_sentences: int = Field(0, ge=0, description="0 = the whole dev set")
+    eval_batch_size: int = Field(32, ge=1, description="sentences per decoding batch for the dev BLEU "
+                                 "(larger is faster on a GPU)")
     patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
     log_every: int = Field(50, ge=1, description="log losses and speed every N updates")
     max_bad_steps: int = Field(5, ge=1, description="an update whose loss is not finite (NaN/inf) is skipped "

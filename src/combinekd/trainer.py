@@ -182,7 +182,7 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
     if cfg.train.eval_max_sentences:
         sources, refs = sources[:cfg.train.eval_max_sentences], refs[:cfg.train.eval_max_sentences]
     with autocast():
-        hyps = translate(student, tokenizer, sources, beam=cfg.train.eval_beam)
+        hyps = translate(student, tokenizer, sources, beam=cfg.train.eval_beam, batch_size=cfg.train.eval_batch_size)
     student.train()
     return {"dev_loss": total / max(tokens, 1), "dev_bleu": corpus_scores(hyps, [refs])["bleu"]}
 

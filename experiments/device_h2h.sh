@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# experiments/head_to_head.sh on a rented GPU machine (the `device` tool of this workplace): one
+# 10-minute call. The recipe is the CPU one (configs/teacher-cpu.yaml, configs/student-cpu.yaml:
+# same batches, learning rates, evaluation and patience); only the hardware differs, and the
+# no-KD student trains beside the teacher, the three KD students together. Deadlines stop a run
+# that has not early-stopped in time (its best model so far is used; the logs say which).
+#
+# Needs: .whl/ (the pinned wheels: transformers, tokenizers, huggingface_hub, pydantic(-core),
+# annotated-types, typing-inspection, sacremoses, sacrebleu) and .h2hdata/ (a `combinekd prepare`
+# DATADIR) carried along. Writes to $OUT: h2h.tar.gz (logs, configs, summaries, results; no
+# weights), the teacher's weights in bf16 and the CKD student's in fp32, each in parts of 15 MB.
+set -uo pipefail
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+printf '#!/bin/sh\nexec python3 -m combinekd "$@"\n' > /tmp/ckd; chmod +x /tmp/ckd
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, sacrebleu; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sacrebleu', sacrebleu.__version__, 'cuda', torch.cuda.is_available())"
+runs=/tmp/h2h; mkdir -p $runs/smoke; cp -r .h2hdata $runs/data
+
+# A few-update run of every code path (teacher, KD student with CKD, compare) beside the real runs:
+# if it fails, everything stops at once and the call is cheap.
+( set -e; s=$runs/smoke
+  /tmp/ckd train configs/teacher-cpu.yaml --set data_dir=$runs/data --set output_dir=$s/t --set train.max_steps=4 \
+      --set train.eval_every=2 --set train.eval_max_sentences=8
+  /tmp/ckd train configs/student-cpu.yaml --set data_dir=$runs/data --set output_dir=$s/s --set distill.teacher=$s/t \
+      --set train.max_steps=4 --set train.eval_every=2 --set train.eval_max_sentences=8
+  /tmp/ckd compare $s/s $s/t --data $runs/data --limit 8 --beam 2 ) > $runs/smoke.log 2>&1; echo $? > $runs/smoke.rc &
+
+PARALLEL=1 CKD=/tmp/ckd PY=python3 BATCH=128 SET="train.eval_batch_size=128 train.threads=2" \
+    TEACHER_DEADLINE=$((t0 + ${TEACHER_SECONDS:-340})) STUDENT_DEADLINE=$((t0 + ${STUDENT_SECONDS:-475})) \
+    timeout $(( ${TOTAL_SECONDS:-562} - ($(date +%s) - t0) )) bash experiments/head_to_head.sh unused $runs > $runs/driver.log 2>&1 &
+driver=$!
+while kill -0 $driver 2>/dev/null; do
+    sleep 5
+    if [ -f $runs/smoke.rc ] && [ "$(cat $runs/smoke.rc)" != 0 ]; then
+        echo "SMOKE FAILED"; tail -30 $runs/smoke.log; pkill -f combinekd; kill $driver; break
+    fi
+    [ $(( ($(date +%s) - t0) % 60 )) -lt 5 ] && { echo "--- $(( $(date +%s) - t0 )) s"; tail -2 $runs/driver.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; }
+done
+wait $driver; echo "driver exit $?"; cat $runs/driver.log; echo "smoke rc $(cat $runs/smoke.rc 2>/dev/null)"
+for r in teacher student-nokd student-word student-pkd student-ckd; do
+    echo "== $r"; grep dev_bleu $runs/$r/train_log.jsonl 2>/dev/null | tail -2; cat $runs/$r/train_summary.json 2>/dev/null | head -12
+done
+cd $runs && tar czf $OUT/h2h.tar.gz --exclude='*.safetensors' --exclude=data --exclude=smoke . 2>/dev/null
+python3 - <<'PY'
+import torch
+from safetensors.torch import load_file, save_file
+t = load_file("/tmp/h2h/teacher/model.safetensors")
+save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, "/tmp/teacher.bf16.safetensors",
+          metadata={"format": "pt"})
+PY
+split -b 15M /tmp/teacher.bf16.safetensors $OUT/teacher-bf16.part-
+[ -f $runs/student-ckd/model.safetensors ] && split -b 15M $runs/student-ckd/model.safetensors $OUT/student-ckd.part-
+ls -la $OUT; echo "total $(( $(date +%s) - t0 )) s"
