@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--md", type=Path, required=True)
     parser.add_argument("--title", default="dev BLEU against CPU time")
+    parser.add_argument("--updates-only", action="store_true",
+                        help="plot against updates only (runs on another machine, e.g. a GPU: CPU time means nothing)")
     args = parser.parse_args()
 
     import matplotlib
@@ -53,18 +55,26 @@ def main() -> None:
 
     runs = [read_run(r) for r in args.runs]
     rows = [summary(r) for r in runs]
-    fig, (ax, by_step) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    if args.updates_only:
+        fig, by_step = plt.subplots(1, 1, figsize=(6.5, 4.5))
+        axes = [by_step]
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        by_step = axes[1]
     for run, row in zip(runs, rows):
         bleu = [e["dev_bleu"] for e in run["evals"]]
-        ax.plot([e["train_seconds"] / 60 * row["threads"] for e in run["evals"]], bleu, marker="o", label=row["run"])
+        if not args.updates_only:
+            axes[0].plot([e["train_seconds"] / 60 * row["threads"] for e in run["evals"]], bleu, marker="o",
+                         label=row["run"])
         by_step.plot([e["step"] for e in run["evals"]], bleu, marker="o", label=row["run"])
-    ax.set_xlabel("CPU-minutes of training (wall minutes x threads, validation excluded)")
-    ax.set_ylabel("dev BLEU (greedy)")
+    if not args.updates_only:
+        axes[0].set_xlabel("CPU-minutes of training (wall minutes x threads, validation excluded)")
+    axes[0].set_ylabel("dev BLEU (greedy)")
     by_step.set_xlabel("updates (immune to other load on the machine)")
     fig.suptitle(args.title)
-    for axis in (ax, by_step):
+    for axis in axes:
         axis.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
