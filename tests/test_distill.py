@@ -173,18 +173,68 @@ def test_sequence_level_kd_data(trained_model, data_dir, tmp_path, capsys):
     assert not (tmp_path / ".seqkd.partial.tgt").exists()
 
 
-def test_soft_loss_is_t2_scaled_kl_teacher_to_student():
+def _reference_vocab_losses(s, t, labels, eps, temperature):
+    """The two terms written with PyTorch's own functions (autograd through full-vocabulary tensors)."""
     import torch.nn.functional as F
 
-    from combinekd.losses import soft_loss
+    hard = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=-100, label_smoothing=eps)
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="none").sum(-1)
+    return hard, kl[labels != -100].mean() * temperature ** 2
+
+
+@pytest.mark.parametrize("eps,temperature", [(0.0, 1.0), (0.1, 1.0), (0.1, 2.0)])
+def test_vocab_losses_match_pytorch_in_value_and_gradient(eps, temperature):
+    """The fused hard/soft loss equals label-smoothed cross-entropy and T^2 KL(teacher || student) over
+    the non-pad tokens, and so do the gradients (for any weights of the two terms)."""
+    from combinekd.losses import vocab_losses
 
     torch.manual_seed(0)
-    s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    temperature = 2.0
-    expected = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                        log_target=True, reduction="none").sum(-1)[mask].mean() * temperature ** 2
-    assert soft_loss(s, t, mask, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
+    t = torch.randn(3, 5, 11)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 3:], labels[2, 1:] = -100, -100
+    s1 = torch.randn(3, 5, 11, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    hard, soft = vocab_losses(s1, t, labels, eps, temperature)
+    (0.3 * hard + 0.7 * soft).backward()
+    ref_hard, ref_soft = _reference_vocab_losses(s2, t, labels, eps, temperature)
+    (0.3 * ref_hard + 0.7 * ref_soft).backward()
+    assert hard.item() == pytest.approx(ref_hard.item(), rel=1e-5)
+    assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-5)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
+    assert s1.grad[labels == -100].abs().sum() == 0
+
+
+def test_vocab_losses_gradcheck_and_no_teacher():
+    from combinekd.losses import vocab_losses
+
+    torch.manual_seed(1)
+    s = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, 7, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, -100], [6, 0, -100, -100]])
+    assert torch.autograd.gradcheck(lambda x: vocab_losses(x, t, labels, 0.1, 2.0), (s,))
+    assert torch.autograd.gradcheck(lambda x: vocab_losses(x, None, labels, 0.1, 1.0)[0], (s,))
+    assert vocab_losses(s, None, labels, 0.1)[1].item() == 0.0
+
+
+def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
+    """bf16 logits in (as under autocast), fp32 sums, a bf16 gradient; rows split over several chunks."""
+    import combinekd.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 50)  # 3 rows a chunk
+    torch.manual_seed(2)
+    s = torch.randn(4, 6, 50).to(torch.bfloat16).requires_grad_(True)
+    t = torch.randn(4, 6, 50).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (4, 6))
+    hard, soft = losses.vocab_losses(s, t, labels, 0.1, 1.0)
+    (hard + soft).backward()
+    s32 = s.detach().float().requires_grad_(True)
+    ref_hard, ref_soft = _reference_vocab_losses(s32, t.float(), labels, 0.1, 1.0)
+    (ref_hard + ref_soft).backward()
+    assert hard.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    assert hard.item() == pytest.approx(ref_hard.item(), rel=1e-5)
+    assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-4)
+    torch.testing.assert_close(s.grad.float(), s32.grad, rtol=2e-2, atol=1e-4)
 
 
 def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 from combinekd.combiners import build_combiner
 from combinekd.config import Config, InitConfig, SideConfig
 from combinekd.errors import UserError, warn
-from combinekd.losses import attention_loss, hard_loss, layer_loss, masked_mean, soft_loss
+from combinekd.losses import attention_loss, layer_loss, masked_mean, vocab_losses
 from combinekd.mapping import Groups, describe, layer_groups, random_groups
 
 SIDES = ("encoder", "decoder")
@@ -102,15 +102,17 @@ class Objective(nn.Module):
                   "decoder_input_ids": decoder_input_ids(self.student, labels),
                   "output_attentions": bool(self.sides) and self.w_attn > 0}
         out_s = self.student(**inputs)
-        parts = {"hard": hard_loss(out_s.logits, labels, self.label_smoothing)}
-        stats: dict[str, torch.Tensor] = {}  # logged, not optimised
+        out_t = None
         if self.teacher is not None:
             start = time.perf_counter()
             with torch.no_grad():  # the teacher's decoder starts from its own start token (BART: eos)
                 out_t = self.teacher(**{**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
             self._teacher_seconds += time.perf_counter() - start
-            if self.w_soft:
-                parts["soft"] = soft_loss(out_s.logits, out_t.logits, mask_tgt, self.temperature)
+        hard, soft = vocab_losses(out_s.logits, out_t.logits if self.w_soft else None, labels,
+                                  self.label_smoothing, self.temperature)
+        parts = {"hard": hard, **({"soft": soft} if self.w_soft else {})}
+        stats: dict[str, torch.Tensor] = {}  # logged, not optimised
+        if out_t is not None:
             masks = {"encoder": mask_src, "decoder": mask_tgt}
             for side, (side_cfg, groups) in self.sides.items():
                 if side_cfg.strategy == "random":

@@ -1,0 +1,74 @@
+"""Does `torch.compile` pay for a training step here? Eager against compiled (inductor, dynamic shapes),
+same model, same batches, one run:
+
+    python bench/compile.py --data DATADIR [--config configs/student-cpu.yaml] [--steps 12]
+
+Prints the compile time (the first compiled steps, over an eager step's cost) and the steady-state
+target tokens/s of each. Token batches vary in shape, so the model is compiled with dynamic=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+from combinekd.config import load_config
+from combinekd.data import load_tokenizer
+from combinekd.distill import build_objective
+from train_throughput import batches
+
+
+def run(objective, data: list[dict], autocast, warmup: int) -> tuple[float, float]:
+    """(seconds for the first ``warmup`` steps, steady-state target tokens/s over the rest)."""
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+
+    def step(batch):
+        with autocast():
+            loss = objective(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for batch in data[:warmup]:
+        step(batch)
+    first = time.perf_counter() - start
+    tokens, start = 0, time.perf_counter()
+    for batch in data[warmup:]:
+        step(batch)
+        tokens += int((batch["labels"] != -100).sum())
+    return first, tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config", default="configs/student-cpu.yaml")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4, help="steps counted as compilation")
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", "distill=null"])
+    data = batches(cfg, args.steps + args.warmup)
+    tokenizer = load_tokenizer(cfg.data_dir)
+    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext
+    results = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        objective = build_objective(cfg, tokenizer)
+        if name == "compiled":
+            objective.student = torch.compile(objective.student, dynamic=True)
+        results[name] = run(objective, data, autocast, args.warmup)
+    (eager_first, eager_tps), (comp_first, comp_tps) = results["eager"], results["compiled"]
+    per_step = eager_first / args.warmup
+    print(f"{cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, max_tokens "
+          f"{cfg.train.max_tokens}, threads {torch.get_num_threads()}")
+    print(f"  eager    {eager_tps:8.0f} target tokens/s")
+    print(f"  compiled {comp_tps:8.0f} target tokens/s (x{comp_tps / eager_tps:.2f}); compile cost "
+          f"{comp_first - eager_first:.0f} s (= {(comp_first - eager_first) / per_step:.0f} eager steps)")
+
+
+if __name__ == "__main__":
+    main()
