@@ -1,7 +1,7 @@
 """Does `torch.compile` pay for a training step here? Eager against compiled (inductor, dynamic shapes),
 same model, same batches, one run:
 
-    python bench/compile.py --data DATADIR [--config configs/student-cpu.yaml] [--steps 12]
+    python bench/compile.py --data DATADIR [--config configs/student-cpu.yaml] [--steps 12] [--device cuda]
 
 Prints the compile time (the first compiled steps, over an eager step's cost) and the steady-state
 target tokens/s of each. Token batches vary in shape, so the model is compiled with dynamic=True.
@@ -32,14 +32,17 @@ def run(objective, data: list[dict], autocast, warmup: int) -> tuple[float, floa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     start = time.perf_counter()
     for batch in data[:warmup]:
         step(batch)
+    sync()
     first = time.perf_counter() - start
     tokens, start = 0, time.perf_counter()
     for batch in data[warmup:]:
         step(batch)
         tokens += int((batch["labels"] != -100).sum())
+    sync()
     return first, tokens / (time.perf_counter() - start)
 
 
@@ -49,15 +52,16 @@ def main() -> None:
     parser.add_argument("--config", default="configs/student-cpu.yaml")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4, help="steps counted as compilation")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", "distill=null"])
-    data = batches(cfg, args.steps + args.warmup)
+    data = [{k: v.to(args.device) for k, v in b.items()} for b in batches(cfg, args.steps + args.warmup)]
     tokenizer = load_tokenizer(cfg.data_dir)
-    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext
+    autocast = (lambda: torch.autocast(args.device, torch.bfloat16)) if cfg.train.bf16 else nullcontext
     results = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        objective = build_objective(cfg, tokenizer)
+        objective = build_objective(cfg, tokenizer).to(args.device)
         if name == "compiled":
             objective.student = torch.compile(objective.student, dynamic=True)
         results[name] = run(objective, data, autocast, args.warmup)

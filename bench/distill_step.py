@@ -2,7 +2,7 @@
 
     ratio = time(Objective step) / (time(student train step) + time(teacher forward))
 
-    python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8]
+    python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8] [--device cuda]
 
 "cpu" is configs/teacher-cpu.yaml -> configs/student-cpu.yaml, "paper" is configs/teacher-6x6.yaml ->
 configs/student-2x2.yaml (random weights: speed does not depend on them). The KD step runs the
@@ -30,13 +30,20 @@ SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
 def timed(step, batches, warmup: int = 2) -> float:
     for b in batches[:warmup]:
         step(b)
+    sync()
     start = time.perf_counter()
     for b in batches[warmup:]:
         step(b)
+    sync()
     return (time.perf_counter() - start) / len(batches[warmup:])
 
 
-def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(size: str, data: str, steps: int, max_tokens: int | None, device: str = "cpu") -> None:
     teacher_yaml, student_yaml = SIZES[size]
     tokenizer = load_tokenizer(data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,12 +55,13 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
         cfg = load_config(student_yaml, sets)
         split = load_split(data, "train", cfg.model.max_length)
         order = token_batches([len(s) for s in split.src], [len(t) for t in split.tgt], cfg.train.max_tokens, seed=0)
-        batches = [collate(split, idx, tokenizer.pad_token_id) for idx in order[:steps + 2]]
-        autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext
+        batches = [{k: v.to(device) for k, v in collate(split, idx, tokenizer.pad_token_id).items()}
+                   for idx in order[:steps + 2]]
+        autocast = (lambda: torch.autocast(device, torch.bfloat16)) if cfg.train.bf16 else nullcontext
 
         torch.manual_seed(0)
-        kd = build_objective(cfg, tokenizer)
-        plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None}))
+        kd = build_objective(cfg, tokenizer).to(device)
+        plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None})).to(device)
         teacher = kd.teacher
 
         def train_step(objective, optimizer):
@@ -77,7 +85,8 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None) -> None:
         student_s = (student_s + student_again) / 2
         print(f"[{size}] teacher {t_cfg.model.encoder_layers}+{t_cfg.model.decoder_layers} d{t_cfg.model.d_model} -> "
               f"student {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
-              f"max_tokens {cfg.train.max_tokens}, threads {torch.get_num_threads()}")
+              f"max_tokens {cfg.train.max_tokens}, " + (f"threads {torch.get_num_threads()}" if device == "cpu"
+                                                      else torch.cuda.get_device_name()))
         print(f"  student step {student_s:.3f}s + teacher forward {teacher_s:.3f}s = {student_s + teacher_s:.3f}s; "
               f"distillation step {kd_s:.3f}s; ratio {kd_s / (student_s + teacher_s):.3f}")
 
@@ -88,9 +97,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["cpu", "paper"], choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=None, help="override the configs' batch size")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     for size in args.sizes:
-        measure(size, args.data, args.steps, args.max_tokens)
+        measure(size, args.data, args.steps, args.max_tokens, args.device)
 
 
 if __name__ == "__main__":
