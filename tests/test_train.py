@@ -1,4 +1,4 @@
-"""End-to-end training, exact resume, evaluation JSON, translation and HF pipeline loading."""
+"""End-to-end training, exact resume, evaluation JSON, translation and loading with plain transformers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from combinekd.config import load_config
 from combinekd.errors import UserError
 from combinekd.trainer import train
 
-from conftest import tiny_config
+from conftest import has_translation_pipeline, tiny_config
 
 
 def test_tiny_model_learns_the_task(trained_model):
@@ -50,13 +50,26 @@ def test_translate_stdin_to_stdout(trained_model, monkeypatch, capsys):
     assert lines[0].split()[0] == "v1" and lines[1].startswith("v5")
 
 
-def test_pipeline_loads_the_output_dir(trained_model):
-    from transformers import pipeline
+def test_transformers_loads_the_output_dir(trained_model):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     out, _ = trained_model
-    translator = pipeline("translation", model=str(out))
-    text = translator("w4 w8 w12 w2", num_beams=2)[0]["translation_text"]
-    assert text.split()[0] == "v4"
+    tokenizer, model = AutoTokenizer.from_pretrained(str(out)), AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    ids = model.generate(**tokenizer(["w4 w8 w12 w2"], return_tensors="pt"), num_beams=2)
+    assert tokenizer.decode(ids[0], skip_special_tokens=True).split()[0] == "v4"
+    if has_translation_pipeline():
+        from transformers import pipeline
+
+        translator = pipeline("translation", model=str(out))
+        text = translator("w4 w8 w12 w2", num_beams=2)[0]["translation_text"]
+        assert text.split()[0] == "v4"
+
+
+def test_the_generation_config_is_not_marked_as_derived(trained_model):
+    """transformers 4.x rebuilds a generation config marked as derived from config.json whenever config.json
+    holds a generation setting, as 5.x's does (forced_eos_token_id): beam 5 and the length limit would be lost."""
+    saved = json.loads((trained_model[0] / "generation_config.json").read_text())
+    assert saved["num_beams"] == 5 and saved["max_length"] == 64 and not saved.get("_from_model_config")
 
 
 def _weights(path):

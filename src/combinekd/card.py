@@ -127,8 +127,9 @@ def write_train_card(model_dir: str | Path) -> Path:
              f"- Parameters: {params:,}" if params else "- Parameters: unknown",
              f"- Size on disk: {(model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB (safetensors)"
              if (model_dir / "model.safetensors").is_file() else "", "",
-             "Use: `combinekd translate MODEL_DIR < input.txt`, or transformers' "
-             "`pipeline(\"translation\", model=MODEL_DIR)`; `combinekd export` makes a CTranslate2 copy.", ""]
+             "Use: `combinekd translate MODEL_DIR < input.txt`, or transformers' `AutoTokenizer` and "
+             "`AutoModelForSeq2SeqLM` with `generate()` (or, on transformers 4.x, "
+             "`pipeline(\"translation\", model=MODEL_DIR)`); `combinekd export` makes a CTranslate2 copy.", ""]
     return _write(model_dir, lines + training)
 
 

@@ -58,7 +58,8 @@ class ModelConfig(_Strict):
     ``arch``: ``pre-ln`` (layer norm before each sub-layer plus a final one; transformers' Pegasus
     classes) trains deep models stably at a high learning rate with a short warm-up; ``post-ln``
     (transformers' Marian classes, the original Transformer and the paper's) needs a lower rate and
-    a longer warm-up when deep. Both load in ``pipeline("translation")`` and convert to CTranslate2."""
+    a longer warm-up when deep. Both load with transformers' Auto classes (and in
+    ``pipeline("translation")`` on transformers 4.x) and convert to CTranslate2."""
 
     arch: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
         "pre-ln", description="pre-ln: trains deep models stably; post-ln: Marian, the original Transformer")

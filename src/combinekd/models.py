@@ -60,6 +60,9 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     model.generation_config.max_length = cfg.max_length
     model.generation_config.num_beams = 5
     model.generation_config.bad_words_ids = [[pad]]
+    # Ours, not derived from config.json: else transformers 4.x, given a dir saved by 5.x (whose config.json
+    # keeps forced_eos_token_id), rebuilds it from config.json and decodes greedily up to 20 tokens
+    model.generation_config._from_model_config = False
     return model
 
 
@@ -82,8 +85,11 @@ def load_model_dir(path: str | Path, attn_implementation: str | None = None):
     weights = _weights_file(path)
     _check_seq2seq(path)
     try:
+        # ignore_mismatched_sizes: a weight of another shape is reported in `info` like a missing one
+        # (and refused below), not raised with details that transformers 5 only logs
         model, info = AutoModelForSeq2SeqLM.from_pretrained(
-            str(path), attn_implementation=attn_implementation, use_safetensors=True, output_loading_info=True)
+            str(path), attn_implementation=attn_implementation, use_safetensors=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(exc).__name__)
@@ -146,8 +152,8 @@ def _weights_file(path: Path) -> Path:
             return path / name
     for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
         if (path / name).is_file():
-            raise UserError(f"{path / name}: pickle checkpoints are not loaded (unpickling can run code); "
-                            f"convert it to safetensors with save_pretrained(..., safe_serialization=True)")
+            raise UserError(f"{path / name}: pickle checkpoints are not loaded (unpickling can run code); convert "
+                            f"it to safetensors once: AutoModelForSeq2SeqLM.from_pretrained(DIR).save_pretrained(DIR)")
     raise UserError(f"no weights in {path} (expected model.safetensors)")
 
 
@@ -169,7 +175,8 @@ def save_model_dir(model, tokenizer, path: str | Path) -> None:
 
     The files are staged and moved into place together (files.atomic_dir). The tokenizer's
     ``model_max_length`` is set to the model's position limit: the tokenizer then warns about longer
-    inputs, and ``pipeline("translation", truncation=True)`` cuts them to fit."""
+    inputs, and ``truncation=True`` (a tokenizer call's, or ``pipeline("translation")``'s on transformers 4.x)
+    cuts them to fit."""
     if max_positions(model):
         tokenizer.model_max_length = max_positions(model)
     with atomic_dir(path, merge=True) as staging:
