@@ -1,5 +1,5 @@
 """Reliability: kills while writing a checkpoint, finished runs, one run per output dir, strict model
-loading, non-finite losses, file permissions, several processes."""
+loading, non-finite losses, file permissions, several processes (more in test_multiprocess.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from combinekd.distill import Objective
 from combinekd.errors import UserError
 from combinekd.files import atomic_dir, atomic_file, recover
 from combinekd.models import build_model, load_model_dir, save_model_dir
-from combinekd.trainer import BatchStream, load_checkpoint, rng_state, save_checkpoint, train
+from combinekd.trainer import BatchStream, TrainerState, load_checkpoint, rng_state, save_checkpoint, train
 
 from conftest import prepare_corpus, tiny_config, write_corpus
 from test_distill import kd_config, teacher_dir  # noqa: F401  (teacher_dir is a fixture)
@@ -292,19 +292,6 @@ def test_recover_after_a_kill_between_the_two_renames(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 7. several processes
-def test_every_process_gets_batches_even_from_a_tiny_epoch():
-    split = Split(src=[[5, 6, 0]] * 3 + [[5, 0]] * 3, tgt=[[7, 0]] * 6)
-    one_batch = [BatchStream(split, 1000, pad_id=1, seed=1, rank=r, world=4) for r in range(4)]
-    for stream in one_batch:
-        for _ in range(3):  # across epochs too
-            assert next(stream)["input_ids"].shape[0] == 6
-    # more batches than processes: the same number each, disjoint within an epoch
-    many = [BatchStream(split, 3, pad_id=1, seed=1, rank=r, world=4) for r in range(4)]  # 1 pair per batch
-    per_rank = [stream._epoch_batches() for stream in many]
-    assert [len(b) for b in per_rank] == [1, 1, 1, 1]
-    assert len({i for batches in per_rank for batch in batches for i in batch}) == 4
-
-
 def test_checkpoints_keep_every_process_rng_state(data_dir, tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -319,16 +306,18 @@ def test_checkpoints_keep_every_process_rng_state(data_dir, tmp_path):
         states.append(rng_state())
     path = tmp_path / "checkpoints" / "last"
     save_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1, rank=0, world=2),
-                    {"step": 1}, states)
+                    TrainerState(step=1), states)
     assert {p.name for p in path.glob("rng.*")} == {"rng.0.safetensors", "rng.1.safetensors"}
     for rank in (1, 0):
         torch.manual_seed(0)
         random.seed(0)
-        load_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1, rank=rank, world=2))
+        state = TrainerState()
+        load_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1, rank=rank, world=2), state)
+        assert state.step == 1
         assert torch.equal(torch.get_rng_state(), states[rank]["tensors"]["torch"])
         assert random.random() == random.Random(11 * (rank + 1)).random()
     with pytest.raises(UserError, match="written by 2 processes"):
-        load_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1))
+        load_checkpoint(path, model, optimizer, scheduler, BatchStream(split, 8, 1, 1), TrainerState())
 
 
 def test_the_readme_conversion_makes_a_pickle_only_model_loadable(model_dir):

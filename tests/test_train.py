@@ -93,6 +93,21 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert state_a["stream"] == state_b["stream"] and state_a["scheduler"] == state_b["scheduler"]
 
 
+def test_train_optimises_the_objective_it_is_given(data_dir, tmp_path):
+    from combinekd.data import load_tokenizer
+    from combinekd.distill import build_objective
+
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 2, "train.eval_every": 2,
+                                                      "train.eval_max_sentences": 4})
+    torch.manual_seed(0)
+    objective = build_objective(cfg, load_tokenizer(data_dir))
+    before = {name: value.clone() for name, value in objective.state_dict().items()}
+    train(cfg, objective)
+    after, saved = objective.state_dict(), _weights(tmp_path / "run")
+    assert all(torch.equal(saved[name], after[name]) for name in saved), "the given objective was trained"
+    assert not all(torch.equal(before[name], after[name]) for name in saved)
+
+
 def test_resume_without_a_run_is_a_user_error(data_dir, tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         train(tiny_config(data_dir, tmp_path / "none"), resume=True)

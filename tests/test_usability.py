@@ -395,6 +395,9 @@ def readme_commands() -> list[list[str]]:
 def test_every_readme_command_runs_as_written(tmp_path):
     """Replay the README: every combinekd command parses, and every path it reads is in the repository
     or made by an earlier command (the expensive steps are simulated, not run)."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
     made: set[str] = set()  # paths that earlier commands create
     parser = build_parser()
     languages = None
@@ -417,6 +420,12 @@ def test_every_readme_command_runs_as_written(tmp_path):
             words = words[words.index("|") + 1:] if "|" in words else []
             if not words:
                 continue
+        if words[0] in ("torchrun", "accelerate"):  # a launcher's options (parsed by it), then a combinekd command
+            launcher = words[2:] if words[0] == "accelerate" else words[1:]
+            assert words[0] == "torchrun" or words[1] == "launch", words
+            parsed = (launch_command_parser() if words[0] == "accelerate" else get_args_parser()).parse_args(launcher)
+            assert parsed.module and parsed.training_script == "combinekd", words
+            words = ["combinekd", *parsed.training_script_args]
         assert words[0] in ("combinekd", ".venv/bin/combinekd"), f"unknown command in the README: {words}"
         if words[1:] in (["--version"], ["--help"]):
             continue

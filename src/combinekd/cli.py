@@ -39,11 +39,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from combinekd.config import load_config
-    from combinekd.trainer import train
+    from combinekd.trainer import first_process, train
 
     cfg = load_config(args.config, args.set or [])
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary))
+    if first_process():
+        print(json.dumps(summary))
     return 0
 
 
@@ -298,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"combinekd: error: {exc}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: which process says it
+        where = f" (process {os.environ.get('RANK')} of {world})" if world > 1 else ""
+        print(f"combinekd: error{where}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable / unwritable paths, full disk
         if isinstance(exc, BrokenPipeError):

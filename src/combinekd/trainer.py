@@ -1,9 +1,10 @@
 """The training loop: accelerate (device, bf16, DDP), token batches, inverse-sqrt schedule,
 validation with dev BLEU, atomic safetensors checkpoints, early stopping and exact resume.
 
-The loop optimises whatever ``objective`` it is given: an ``nn.Module`` whose ``forward(batch)``
-returns ``{"loss": scalar, ...logged parts}`` and whose ``.student`` is the HF model being
-trained (see ``distill.Objective``). It knows nothing of the KD maths.
+The loop optimises whatever ``objective`` it is given (``train(cfg, objective)``; by default the one the
+config describes): an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": scalar, ...logged parts}``
+and whose ``.student`` is the HF model being trained (see ``distill.Objective``). It knows nothing of
+the KD maths. Where the run stands is one :class:`TrainerState`, saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,39 +31,74 @@ from combinekd.files import atomic_dir, exclusive_lock, recover
 
 
 class BatchStream:
-    """Endless token batches over epochs, with a resumable position (epoch, batch index).
+    """Endless token batches over epochs, with a resumable position.
 
-    Under DDP each process takes every ``world``-th batch of the same epoch order; an epoch with
-    fewer batches than processes is repeated so that every process gets at least one."""
+    Every process computes the same sequence of batches (epoch 0's shuffled batches, then epoch 1's, ...)
+    and process ``rank`` of ``world`` takes items ``rank``, ``rank + world``, ``rank + 2 * world``... So
+    an update of G micro-batches on W processes trains on G * W consecutive batches of that sequence,
+    the same as one process with ``grad_accum`` G * W, and an epoch with fewer batches than processes
+    simply runs on into the next one."""
 
     def __init__(self, split: Split, max_tokens: int, pad_id: int, seed: int, rank: int = 0, world: int = 1):
         self.split, self.max_tokens, self.pad_id, self.seed = split, max_tokens, pad_id, seed
         self.rank, self.world = rank, world
         self.src_lens = [len(s) for s in split.src]
         self.tgt_lens = [len(t) for t in split.tgt]
-        self.epoch, self.position = 0, 0
+        self.epoch, self.batch = 0, 0  # where the next round of `world` batches starts: the same on every process
         self._batches: list[list[int]] | None = None
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._batches is None:
-            batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, seed=self.seed, epoch=self.epoch)
-            usable = max(len(batches) // self.world, 1) * self.world  # the same number for every process
-            batches = [batches[i % len(batches)] for i in range(usable)]
-            self._batches = batches[self.rank::self.world]
+            self._batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, seed=self.seed,
+                                          epoch=self.epoch)
         return self._batches
 
+    def _skip(self, n: int) -> None:
+        self.batch += n
+        while self.batch >= len(self._epoch_batches()):
+            self.epoch, self.batch, self._batches = self.epoch + 1, self.batch - len(self._epoch_batches()), None
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self._epoch_batches()):
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        indices = self._epoch_batches()[self.position]
-        self.position += 1
+        self._skip(self.rank)
+        indices = self._epoch_batches()[self.batch]
+        self._skip(self.world - self.rank)
         return collate(self.split, indices, self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._batches = state["epoch"], state["position"], None
+        # before the processes shared one sequence, "position" counted this process's batches in the epoch
+        batch = state["batch"] if "batch" in state else state["position"] * self.world
+        self.epoch, self.batch, self._batches = state["epoch"], 0, None
+        self._skip(batch)
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; saved as ``progress`` in ``trainer_state.json`` with every checkpoint."""
+
+    step: int = 0
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations in a row without a better dev BLEU (train.patience)
+    bad_steps: int = 0  # updates in a row with a non-finite loss (train.max_bad_steps)
+    target_tokens: int = 0
+    train_seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    validation_seconds: float = 0.0
+    saving_seconds: float = 0.0
+    stopped_early: bool = False
+    finished: bool = False
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        # keys missing from an older checkpoint keep their defaults
+        for field in fields(self):
+            if field.name in state:
+                setattr(self, field.name, state[field.name])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -91,7 +128,7 @@ def rng_state() -> dict:
     return {"tensors": tensors, "python_random": _jsonable(random.getstate())}
 
 
-def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream, progress: dict,
+def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream, state: TrainerState,
                     rng_states: list[dict] | None = None) -> None:
     """Everything needed for an exact resume, staged in a temp dir then renamed into place.
 
@@ -99,14 +136,14 @@ def save_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchSt
     rng_states = rng_states or [rng_state()]
     with atomic_dir(path) as tmp:
         save_model(objective, str(tmp / "objective.safetensors"))
-        _pause_for_tests(tmp, progress["step"])
+        _pause_for_tests(tmp, state.step)
         for rank, rng in enumerate(rng_states):
             save_file(rng["tensors"], str(tmp / f"rng.{rank}.safetensors"),
                       metadata={"python_random": json.dumps(rng["python_random"])})
-        state = {"progress": progress, "stream": stream.state_dict(), "scheduler": scheduler.state_dict(),
+        saved = {"progress": state.state_dict(), "stream": stream.state_dict(), "scheduler": scheduler.state_dict(),
                  "optimizer": _save_optimizer(optimizer, tmp / "optimizer.safetensors"),
                  "processes": len(rng_states)}
-        (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+        (tmp / "trainer_state.json").write_text(json.dumps(saved), encoding="utf-8")
 
 
 def _pause_for_tests(staging: Path, step: int) -> None:
@@ -117,6 +154,12 @@ def _pause_for_tests(staging: Path, step: int) -> None:
         time.sleep(600)
 
 
+def _fail_for_tests(rank: int, step: int) -> None:
+    """Test hook: with ``COMBINEKD_TEST_FAIL=RANK:STEP`` process RANK fails after update STEP."""
+    if os.environ.get("COMBINEKD_TEST_FAIL") == f"{rank}:{step}":
+        raise UserError(f"test failure on process {rank} after update {step}")
+
+
 def _jsonable(value):
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
@@ -125,24 +168,24 @@ def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
 
 
-def load_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream) -> dict:
+def load_checkpoint(path: Path, objective, optimizer, scheduler, stream: BatchStream, state: TrainerState) -> None:
     """Restore a :func:`save_checkpoint`; the random generators are those of process ``stream.rank``."""
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"nothing to resume: no checkpoint in {path.parent}")
     try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         load_model(objective, str(path / "objective.safetensors"))
-        _load_optimizer(optimizer, path / "optimizer.safetensors", state["optimizer"])
+        _load_optimizer(optimizer, path / "optimizer.safetensors", saved["optimizer"])
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise UserError(f"the checkpoint in {path} does not match this config (model shape, distill "
                         f"strategy or combiner changed?): {str(exc).splitlines()[0]}") from None
-    if state.get("processes", 1) != stream.world:
-        raise UserError(f"the checkpoint in {path} was written by {state.get('processes', 1)} processes: "
+    if saved.get("processes", 1) != stream.world:
+        raise UserError(f"the checkpoint in {path} was written by {saved.get('processes', 1)} processes: "
                         f"resume with as many (this run has {stream.world})")
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["stream"])
-    _load_rng(path, stream.rank, state)
-    return state["progress"]
+    scheduler.load_state_dict(saved["scheduler"])
+    stream.load_state_dict(saved["stream"])
+    state.load_state_dict(saved["progress"])
+    _load_rng(path, stream.rank, saved)
 
 
 def _load_rng(path: Path, rank: int, state: dict) -> None:
@@ -199,26 +242,34 @@ def check_output_dir(out: Path) -> None:
     check_writable(out)
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, objective=None, resume: bool = False) -> dict:
     """Train ``cfg`` to ``cfg.output_dir`` (a HF model dir with tokenizer); returns the final summary.
+
+    ``objective`` is what is optimised (see above); None: the one ``cfg`` describes, built after seeding
+    with ``cfg.seed`` (:func:`distill.build_objective`). Every process of a job must be given the same.
 
     The first process holds ``output_dir/.lock`` for the whole run, so a second run into the same
     directory is refused; it also cleans up after a run that was killed while writing a checkpoint."""
     out = Path(cfg.output_dir)
     check_output_dir(out)
-    if not _first_process():
-        return _train(cfg, resume)
-    with exclusive_lock(out, "`combinekd train`"):
-        recover(out / "checkpoints" / "last")
-        return _train(cfg, resume)
+    try:
+        if not first_process():
+            return _train(cfg, objective, resume)
+        with exclusive_lock(out, "`combinekd train`"):
+            recover(out / "checkpoints" / "last")
+            return _train(cfg, objective, resume)
+    except RuntimeError as exc:  # gloo, when another process ended (after printing its own error)
+        if "by peer" not in str(exc) or not torch.distributed.is_initialized():
+            raise
+        raise UserError("another process of this run stopped: see its error") from None
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Process 0 of a ``torchrun`` / ``accelerate launch`` job, or a single process."""
     return os.environ.get("RANK", "0") == "0"
 
 
-def _train(cfg: Config, resume: bool) -> dict:
+def _train(cfg: Config, objective, resume: bool) -> dict:
     """The run itself (see :func:`train`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -232,10 +283,10 @@ def _train(cfg: Config, resume: bool) -> dict:
         raise UserError(f"{out} already holds a run: add --resume to continue it, or choose another output_dir")
     meta = read_meta(cfg.data_dir)
     if resume and (done := _finished_run(last, cfg)):
-        message, progress = done
-        if _first_process():
+        message, state = done
+        if first_process():
             print(f"combinekd: {message}", file=sys.stderr)
-        return _summary(cfg, meta, progress)
+        return _summary(cfg, meta, state)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tokenizer = load_tokenizer(cfg.data_dir)
@@ -244,9 +295,16 @@ def _train(cfg: Config, resume: bool) -> dict:
     dev_text = split_text(cfg.data_dir, "dev")
 
     AcceleratorState._reset_state()  # several runs in one process (tests, experiments) may differ in precision
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.bf16 else "no")
-    set_seed(cfg.seed)
-    objective = build_objective(cfg, tokenizer)
+    # without cpu=True accelerate takes each CPU process of a torchrun job for a job of its own
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=several and not torch.cuda.is_available(),
+                              mixed_precision="bf16" if cfg.train.bf16 else "no")
+    rank = accelerator.process_index
+    set_seed(cfg.seed)  # the same initial weights on every process
+    if objective is None:
+        objective = build_objective(cfg, tokenizer)
+    if rank:  # but each process its own dropout; process 0 goes on from cfg.seed, as a single process does
+        set_seed(cfg.seed + rank)
     student = objective.student
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.train.weight_decay)
@@ -254,64 +312,64 @@ def _train(cfg: Config, resume: bool) -> dict:
     model, optimizer = accelerator.prepare(objective, optimizer)
     objective.to(accelerator.device)
     stream = BatchStream(train_split, cfg.train.max_tokens, tokenizer.pad_token_id, cfg.seed,
-                         accelerator.process_index, accelerator.num_processes)
-    progress = {"step": 0, "best_bleu": -1.0, "best_step": 0, "bad_evals": 0, "train_seconds": 0.0,
-                "target_tokens": 0, "bad_steps": 0, "stopped_early": False, "finished": False,
-                "teacher_seconds": 0.0, "validation_seconds": 0.0, "saving_seconds": 0.0}
+                         rank, accelerator.num_processes)
+    state = TrainerState()
     if resume:
-        progress.update(load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream))
+        load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, state)
 
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    log = RunLog(out, main, cfg.train.max_steps, progress["step"])
+    log = RunLog(out, main, cfg.train.max_steps, state.step)
     record, bar = log.record, log.bar
     description = objective.describe()
     for line in description:
         log.say(line)
-    record({"step": progress["step"], "objective": description, "resumed": resume})
+    record({"step": state.step, "objective": description, "resumed": resume, "processes": stream.world})
     autocast = accelerator.autocast if cfg.train.bf16 else nullcontext  # a factory: called per use
     model.train()
-    window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
-    while progress["step"] < cfg.train.max_steps:
+    window_tokens, window_start, window_sums, window_norm, window_n = 0, time.perf_counter(), {}, 0.0, 0
+    while state.step < cfg.train.max_steps:
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(stream).items()}
                          for _ in range(cfg.train.grad_accum)]
         parts, update_tokens = accumulate_gradients(accelerator, model, micro_batches)
         window_tokens += update_tokens
         if not _finite_everywhere(accelerator, parts["loss"]):
-            _skip_update(cfg, optimizer, progress, record)
+            _skip_update(cfg, optimizer, state, record)
             continue
-        progress["bad_steps"] = 0
-        if cfg.train.clip_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
+        state.bad_steps = 0
+        # measured (for the log) without clipping too (clip_norm 0): the same on every process
+        window_norm = window_norm + accelerator.clip_grad_norm_(model.parameters(),
+                                                                cfg.train.clip_norm or float("inf")).detach()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        progress["step"] += 1
+        state.step += 1
         window_n += 1
         for key, value in parts.items():
             window_sums[key] = window_sums.get(key, 0.0) + value
         bar.update(1)
-        step = progress["step"]
+        step = state.step
+        _fail_for_tests(rank, step)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             seconds = time.perf_counter() - window_start
-            progress["train_seconds"] += seconds
-            progress["teacher_seconds"] += accelerator.unwrap_model(model).pop_teacher_seconds()
-            progress["target_tokens"] += window_tokens
-            entry = {"step": step, **{k: round(float(v) / window_n, 5) for k, v in window_sums.items()},
-                     "lr": scheduler.get_last_lr()[0],
+            state.train_seconds += seconds
+            state.teacher_seconds += accelerator.unwrap_model(model).pop_teacher_seconds()
+            state.target_tokens += window_tokens
+            entry = {"step": step, **_window_means(accelerator, window_sums, window_n),
+                     "grad_norm": round(float(window_norm) / window_n, 5), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(window_tokens / max(seconds, 1e-9), 1), "epoch": stream.epoch}
             record(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            window_tokens, window_start, window_sums, window_n = 0, time.perf_counter(), {}, 0
+            window_tokens, window_start, window_sums, window_norm, window_n = 0, time.perf_counter(), {}, 0.0, 0
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             window_start += _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
-                                               optimizer, scheduler, stream, progress, record, out, last)
-            if progress["stopped_early"]:
+                                               optimizer, scheduler, stream, state, record, out, last)
+            if state.stopped_early:
                 break
     log.close()
-    summary = _summary(cfg, meta, progress)
+    summary = _summary(cfg, meta, state)
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         write_train_card(out)  # README.md: the best model's card
@@ -355,51 +413,52 @@ class RunLog:
             self.writer.close()
 
 
-def _summary(cfg: Config, meta: dict, progress: dict) -> dict:
+def _summary(cfg: Config, meta: dict, state: TrainerState) -> dict:
     """What ``train`` returns and writes to ``train_summary.json``."""
-    return {"steps": progress["step"], "best_step": progress["best_step"], "best_dev_bleu": progress["best_bleu"],
-            "train_seconds": round(progress["train_seconds"], 1), "stopped_early": progress["stopped_early"],
-            "target_tokens_per_s": round(progress["target_tokens"] / max(progress["train_seconds"], 1e-9), 1),
-            "wall_seconds": {"training": round(progress["train_seconds"], 1),
-                             "of_which_teacher_forward": _teacher_seconds(progress),
-                             "validation": round(progress.get("validation_seconds", 0.0), 1),
-                             "saving_models_and_checkpoints": round(progress.get("saving_seconds", 0.0), 1)},
+    return {"steps": state.step, "best_step": state.best_step, "best_dev_bleu": state.best_bleu,
+            "train_seconds": round(state.train_seconds, 1), "stopped_early": state.stopped_early,
+            "target_tokens_per_s": round(state.target_tokens / max(state.train_seconds, 1e-9), 1),
+            "wall_seconds": {"training": round(state.train_seconds, 1),
+                             "of_which_teacher_forward": _teacher_seconds(state),
+                             "validation": round(state.validation_seconds, 1),
+                             "saving_models_and_checkpoints": round(state.saving_seconds, 1)},
             "data": str(cfg.data_dir), "pairs": meta["splits"]["train"]["pairs"]}
 
 
-def _teacher_seconds(progress: dict) -> float | None:
+def _teacher_seconds(state: TrainerState) -> float | None:
     """Time in the teacher's forward passes: measured on CPU; on a GPU kernels run asynchronously and
     the host-side time would mislead, so it is not reported there."""
-    return None if torch.cuda.is_available() else round(progress.get("teacher_seconds", 0.0), 3)
+    return None if torch.cuda.is_available() else round(state.teacher_seconds, 3)
 
 
-def _finished_run(last: Path, cfg: Config) -> tuple[str, dict] | None:
-    """``(why, progress)`` when the checkpoint in ``last`` ended its run: stopped early, or reached
+def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
+    """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, or reached
     ``cfg.train.max_steps`` (raising it trains on)."""
-    state = last / "trainer_state.json"
-    if not state.is_file():
+    file = last / "trainer_state.json"
+    if not file.is_file():
         return None  # load_checkpoint says what is missing
-    progress = {"stopped_early": False, **json.loads(state.read_text(encoding="utf-8"))["progress"]}
-    where, step = last.parent.parent, progress["step"]
-    if progress["stopped_early"]:
-        return (f"the run in {where} stopped early at update {step} ({progress['bad_evals']} evaluations "
-                f"without a better dev BLEU): nothing to resume", progress)
-    if step >= cfg.train.max_steps:
-        return (f"the run in {where} already finished ({step} updates, train.max_steps={cfg.train.max_steps}): "
-                f"nothing to resume; raise train.max_steps to train on", progress)
+    state = TrainerState()
+    state.load_state_dict(json.loads(file.read_text(encoding="utf-8"))["progress"])
+    where = last.parent.parent
+    if state.stopped_early:
+        return (f"the run in {where} stopped early at update {state.step} ({state.bad_evals} evaluations "
+                f"without a better dev BLEU): nothing to resume", state)
+    if state.step >= cfg.train.max_steps:
+        return (f"the run in {where} already finished ({state.step} updates, train.max_steps="
+                f"{cfg.train.max_steps}): nothing to resume; raise train.max_steps to train on", state)
     return None
 
 
 def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple[dict[str, torch.Tensor], int]:
-    """Forward and backward the micro-batches of one update; returns the logged loss parts (this process's
-    token-weighted means, as tensors) and the update's target tokens over all processes.
+    """Forward and backward the micro-batches of one update; returns this process's share of the update's
+    loss parts (tensors; summed over the processes they are the update's token-weighted means) and the
+    update's target tokens over all processes.
 
     Each micro-batch's per-token loss is weighted by its share of the target tokens of the whole update
     (all micro-batches, all processes), as fairseq does: the gradient is that of the loss summed over the
     update's tokens divided by their number, however the tokens fall into micro-batches or processes.
     (DDP averages gradients over processes, hence the factor ``num_processes``.)"""
     tokens = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
-    local = max(sum(tokens), 1)
     total = int(accelerator.reduce(torch.tensor(sum(tokens), device=accelerator.device), reduction="sum"))
     parts: dict[str, torch.Tensor] = {}
     for micro, (batch, n) in enumerate(zip(micro_batches, tokens)):
@@ -408,8 +467,15 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple
             output = model(batch)
             accelerator.backward(output["loss"] * (n * accelerator.num_processes / max(total, 1)))
         for key, value in output.items():  # tensors: turned into floats only when logged
-            parts[key] = parts.get(key, 0.0) + value.detach() * (n / local)
+            parts[key] = parts.get(key, 0.0) + value.detach() * (n / max(total, 1))
     return parts, total
+
+
+def _window_means(accelerator, sums: dict[str, torch.Tensor], updates: int) -> dict[str, float]:
+    """The logged loss parts: means over the window's updates and over all processes."""
+    names = list(sums)  # the same parts, in the same order, on every process
+    totals = accelerator.reduce(torch.stack([sums[name].float() for name in names]), reduction="sum")
+    return {name: round(float(value) / updates, 5) for name, value in zip(names, totals.tolist())}
 
 
 def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
@@ -418,19 +484,19 @@ def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
     return float(accelerator.reduce(bad, reduction="sum")) == 0
 
 
-def _skip_update(cfg: Config, optimizer, progress: dict, record) -> None:
+def _skip_update(cfg: Config, optimizer, state: TrainerState, record) -> None:
     """Drop the gradients of an update whose loss is not finite; stop after ``train.max_bad_steps`` in a row."""
     optimizer.zero_grad(set_to_none=True)
-    progress["bad_steps"] += 1
-    record({"step": progress["step"], "skipped_update": "non-finite loss", "bad_steps": progress["bad_steps"]})
-    if progress["bad_steps"] >= cfg.train.max_bad_steps:
-        raise UserError(f"the loss was not finite in {progress['bad_steps']} updates in a row (after update "
-                        f"{progress['step']}; train.max_bad_steps={cfg.train.max_bad_steps}): lower train.lr "
+    state.bad_steps += 1
+    record({"step": state.step, "skipped_update": "non-finite loss", "bad_steps": state.bad_steps})
+    if state.bad_steps >= cfg.train.max_bad_steps:
+        raise UserError(f"the loss was not finite in {state.bad_steps} updates in a row (after update "
+                        f"{state.step}; train.max_bad_steps={cfg.train.max_bad_steps}): lower train.lr "
                         f"or raise train.warmup_steps")
 
 
 def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast, optimizer, scheduler,
-                       stream, progress, record, out, last) -> float:
+                       stream, state: TrainerState, record, out, last) -> float:
     """Validate, keep the best model in ``out`` and the last checkpoint; returns seconds spent."""
     from accelerate.utils import gather_object
 
@@ -439,31 +505,31 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
     start = time.perf_counter()
     if accelerator.is_main_process:
         scores = validate(accelerator.unwrap_model(model).student, tokenizer, dev, dev_text, cfg, autocast)
-        progress["validation_seconds"] += time.perf_counter() - start
-        improved = scores["dev_bleu"] > progress["best_bleu"]
+        state.validation_seconds += time.perf_counter() - start
+        improved = scores["dev_bleu"] > state.best_bleu
         if improved:
-            progress.update(best_bleu=scores["dev_bleu"], best_step=progress["step"], bad_evals=0)
+            state.best_bleu, state.best_step, state.bad_evals = scores["dev_bleu"], state.step, 0
             saving = time.perf_counter()
             save_model_dir(student, tokenizer, out)
-            progress["saving_seconds"] += time.perf_counter() - saving
+            state.saving_seconds += time.perf_counter() - saving
         else:
-            progress["bad_evals"] += 1
-        progress["stopped_early"] = bool(cfg.train.patience and progress["bad_evals"] >= cfg.train.patience)
-        progress["finished"] = progress["stopped_early"] or progress["step"] >= cfg.train.max_steps
-        record({"step": progress["step"], **{k: round(v, 4) for k, v in scores.items()},
-                "best_dev_bleu": progress["best_bleu"], "train_seconds": round(progress["train_seconds"], 1)})
+            state.bad_evals += 1
+        state.stopped_early = bool(cfg.train.patience and state.bad_evals >= cfg.train.patience)
+        state.finished = state.stopped_early or state.step >= cfg.train.max_steps
+        record({"step": state.step, **{k: round(v, 4) for k, v in scores.items()},
+                "best_dev_bleu": state.best_bleu, "train_seconds": round(state.train_seconds, 1)})
         from tqdm import tqdm
 
-        tqdm.write(f"step {progress['step']}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
+        tqdm.write(f"step {state.step}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
                    f"{' (best)' if improved else ''}")
     rng_states = gather_object([rng_state()])  # every process's generators, for an exact resume
     if accelerator.is_main_process:
         saving = time.perf_counter()
-        save_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, progress, rng_states)
-        progress["saving_seconds"] += time.perf_counter() - saving  # (this checkpoint's own time is not in it)
+        save_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, state, rng_states)
+        state.saving_seconds += time.perf_counter() - saving  # (this checkpoint's own time is not in it)
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # every process needs the same early-stopping decision
         from accelerate.utils import broadcast_object_list
 
-        progress.update(broadcast_object_list([dict(progress)])[0])
+        state.load_state_dict(broadcast_object_list([state.state_dict()])[0])
     return time.perf_counter() - start
