@@ -61,6 +61,7 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None, device: st
 
         torch.manual_seed(0)
         kd = build_objective(cfg, tokenizer).to(device)
+        kd.collect_stats = False  # as the trainer runs it, but for the last update of each log window
         plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None})).to(device)
         teacher = kd.teacher
 

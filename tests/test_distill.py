@@ -278,3 +278,22 @@ def test_sequence_kd_resumes_after_a_cut_line(trained_model, data_dir, tmp_path)
     again = distill_data(teacher, data_dir, tmp_path / "again", beam=1)
     assert again["pairs"] == full["pairs"]
     assert (tmp_path / "again" / "train.tgt").read_text().splitlines() == expected
+
+
+def test_layer_diagnostics_are_logged_once_per_window_at_their_value(data_dir, teacher_dir, tmp_path):
+    """The trainer asks for the per-layer diagnostics only on the last update of each log window; the
+    logged value is that update's, not divided by the window's length (the target is normalised, so
+    its RMS is 1), and the loss parts are still window means."""
+    calls = []
+    objective = build_objective(kd_config(data_dir, tmp_path / "o", teacher_dir), load_tokenizer(data_dir))
+    forward = objective.forward
+    objective.forward = lambda b: (calls.append(objective.collect_stats), forward(b))[1]
+    train(kd_config(data_dir, tmp_path / "o", teacher_dir, **{"train.max_steps": 8, "train.log_every": 4,
+                                                             "train.eval_every": 8}), objective=objective)
+    assert calls == [False, False, False, True] * 2
+    logged = [json.loads(line) for line in (tmp_path / "o/train_log.jsonl").read_text().splitlines()]
+    windows = [e for e in logged if "hard" in e]
+    assert [e["step"] for e in windows] == [4, 8]
+    for entry in windows:
+        assert entry["encoder1/rms_target"] == pytest.approx(1.0, abs=0.02)
+        assert entry["encoder1/layer_loss"] > 0

@@ -54,6 +54,7 @@ class Objective(nn.Module):
         self.combiners = nn.ModuleDict()
         self._taps: dict[str, LayerTaps] = {}
         self._teacher_seconds = 0.0  # host time in teacher forwards since the last pop_teacher_seconds()
+        self.collect_stats = True  # per-layer diagnostics in the output (the trainer asks only when it logs)
         if teacher is None or (self.w_layer == 0 and self.w_attn == 0):
             return
         for side in SIDES:
@@ -123,8 +124,9 @@ class Objective(nn.Module):
                     for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1):
                         compared = combine(h_s[i], [h_t[j] for j in group])
                         per_layer.append(layer_loss(*compared, masks[side], side_cfg.loss))
-                        stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], compared, combine,
-                                                  masks[side], side_cfg.loss))
+                        if self.collect_stats:
+                            stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], compared, combine,
+                                                      masks[side], side_cfg.loss))
                     parts[f"layer_{side}"] = sum(per_layer)
                 if inputs["output_attentions"]:
                     a_s, a_t = getattr(out_s, f"{side}_attentions"), getattr(out_t, f"{side}_attentions")

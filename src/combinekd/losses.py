@@ -34,46 +34,63 @@ _CHUNK_ELEMENTS = 1 << 20  # rows x vocabulary per chunk: 4 MB in fp32, stays in
 
 
 class _VocabLosses(torch.autograd.Function):
+    """Both terms through log-partition functions, lse(z) = log sum_v exp(z_v), so no log-softmax is
+    materialised: -log p_S[v] = lse(z) - z_v, and with q = exp(z_T/T - lse(z_T/T)) (sum 1)
+    KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T). The backward pass needs only
+    the per-row lse values: p = exp(z - lse(z))."""
+
     @staticmethod
     def forward(ctx, logits, teacher, labels, rows, eps, temperature):
-        ctx.save_for_backward(logits, teacher, labels, rows)
-        ctx.eps, ctx.temperature = eps, temperature
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        lse, lse_t, lse_st = (torch.empty(rows.numel(), dtype=wide, device=logits.device) for _ in range(3))
         hard = logits.new_zeros((), dtype=torch.float64)
         soft = logits.new_zeros((), dtype=torch.float64)
-        for r in _chunks(rows, logits.shape[-1]):
-            z = _wide(logits[r])
-            log_p = z.log_softmax(-1)
-            nll = -log_p.gather(1, labels[r, None]).squeeze(1)
-            hard += ((1 - eps) * nll - eps * log_p.mean(-1)).sum()
+        for at, r in _chunks(rows, logits.shape[-1]):
+            z, part = _wide(logits[r]), slice(at, at + len(r))
+            lse[part] = z.logsumexp(-1)
+            hard += (lse[part] - (1 - eps) * z.gather(1, labels[r, None]).squeeze(1) - eps * z.mean(-1)).sum()
             if teacher is not None:
-                log_q = (_wide(teacher[r]) / temperature).log_softmax(-1)
-                log_p_t = log_p if temperature == 1 else (z / temperature).log_softmax(-1)
-                soft += (log_q.exp() * (log_q - log_p_t)).sum()
+                z_t, z_s = _wide(teacher[r]), z
+                if temperature != 1:
+                    z_t, z_s = z_t / temperature, z / temperature
+                lse_st[part] = lse[part] if temperature == 1 else z_s.logsumexp(-1)
+                lse_t[part] = z_t.logsumexp(-1)
+                q = (z_t - lse_t[part, None]).exp_()
+                soft += ((q * (z_t - z_s)).sum(-1) - lse_t[part] + lse_st[part]).sum()
+        ctx.save_for_backward(logits, teacher, labels, rows, lse, lse_t, lse_st)
+        ctx.eps, ctx.temperature = eps, temperature
         n = max(rows.numel(), 1)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        return (hard / n).to(dtype), (temperature ** 2 * soft / n).to(dtype)
+        return (hard / n).to(wide), (temperature ** 2 * soft / n).to(wide)
 
     @staticmethod
     def backward(ctx, grad_hard, grad_soft):
-        logits, teacher, labels, rows = ctx.saved_tensors
+        logits, teacher, labels, rows, lse, lse_t, lse_st = ctx.saved_tensors
         eps, temperature = ctx.eps, ctx.temperature
         n, vocab = max(rows.numel(), 1), logits.shape[-1]
         grad = torch.zeros_like(logits)
-        for r in _chunks(rows, vocab):
-            z = _wide(logits[r])
-            p = z.softmax(-1)
-            g = grad_hard * (p - eps / vocab)
-            g[torch.arange(len(r)), labels[r]] -= grad_hard * (1 - eps)
-            if teacher is not None:
-                p_t = p if temperature == 1 else (z / temperature).softmax(-1)
-                g += grad_soft * temperature * (p_t - (_wide(teacher[r]) / temperature).softmax(-1))
-            grad[r] = (g / n).to(grad.dtype)
+        for at, r in _chunks(rows, vocab):
+            z, part = _wide(logits[r]), slice(at, at + len(r))
+            p = (z - lse[part, None]).exp_()  # p_S
+            if teacher is None:
+                g = p.mul_(grad_hard)
+            else:
+                z_t = _wide(teacher[r]) if temperature == 1 else _wide(teacher[r]) / temperature
+                q = (z_t - lse_t[part, None]).exp_()
+                if temperature == 1:  # grad_hard * p_S + grad_soft * (p_S - q)
+                    g = p.mul_(grad_hard + grad_soft).sub_(q.mul_(grad_soft))
+                else:
+                    p_t = (z / temperature - lse_st[part, None]).exp_()
+                    g = p.mul_(grad_hard).add_(p_t.sub_(q).mul_(grad_soft * temperature))
+            g.sub_(grad_hard * eps / vocab)
+            g[torch.arange(len(r), device=g.device), labels[r]] -= grad_hard * (1 - eps)
+            grad[r] = g.div_(n).to(grad.dtype)
         return grad, None, None, None, None, None
 
 
 def _chunks(rows: torch.Tensor, vocab: int):
+    """``(offset, row indices)`` of the chunks."""
     step = max(1, _CHUNK_ELEMENTS // vocab)
-    return (rows[i:i + step] for i in range(0, rows.numel(), step))
+    return ((i, rows[i:i + step]) for i in range(0, rows.numel(), step))
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

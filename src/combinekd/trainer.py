@@ -330,9 +330,12 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     autocast = accelerator.autocast if cfg.train.bf16 else nullcontext  # a factory: called per use
     model.train()
     window_tokens, window_start, window_sums, window_norm, window_n = 0, time.perf_counter(), {}, 0.0, 0
+    window_counts: dict[str, int] = {}
     while state.step < cfg.train.max_steps:
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(stream).items()}
                          for _ in range(cfg.train.grad_accum)]
+        # per-layer diagnostics cost ~2% of a KD step: computed for the last update of each log window only
+        objective.collect_stats = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == cfg.train.max_steps
         parts, update_tokens = accumulate_gradients(accelerator, model, micro_batches)
         window_tokens += update_tokens
         if not _finite_everywhere(accelerator, parts["loss"]):
@@ -349,6 +352,7 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
         window_n += 1
         for key, value in parts.items():
             window_sums[key] = window_sums.get(key, 0.0) + value
+            window_counts[key] = window_counts.get(key, 0) + 1
         bar.update(1)
         step = state.step
         _fail_for_tests(rank, step)
@@ -357,12 +361,13 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
             state.train_seconds += seconds
             state.teacher_seconds += accelerator.unwrap_model(model).pop_teacher_seconds()
             state.target_tokens += window_tokens
-            entry = {"step": step, **_window_means(accelerator, window_sums, window_n),
+            entry = {"step": step, **_window_means(accelerator, window_sums, window_counts),
                      "grad_norm": round(float(window_norm) / window_n, 5), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(window_tokens / max(seconds, 1e-9), 1), "epoch": stream.epoch}
             record(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             window_tokens, window_start, window_sums, window_norm, window_n = 0, time.perf_counter(), {}, 0.0, 0
+            window_counts = {}
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             window_start += _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
                                                optimizer, scheduler, stream, state, record, out, last)
@@ -471,11 +476,11 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple
     return parts, total
 
 
-def _window_means(accelerator, sums: dict[str, torch.Tensor], updates: int) -> dict[str, float]:
-    """The logged loss parts: means over the window's updates and over all processes."""
+def _window_means(accelerator, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+    """The logged loss parts: means over the window's updates that computed them, and over all processes."""
     names = list(sums)  # the same parts, in the same order, on every process
     totals = accelerator.reduce(torch.stack([sums[name].float() for name in names]), reduction="sum")
-    return {name: round(float(value) / updates, 5) for name, value in zip(names, totals.tolist())}
+    return {name: round(float(value) / counts[name], 5) for name, value in zip(names, totals.tolist())}
 
 
 def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
