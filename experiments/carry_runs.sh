@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Pack finished runs of experiments/head_to_head.sh for experiments/device_h2h.sh: writes .h2hcarry/
+# (ignored by git) in this checkout with RUNS_DIR/data as data.tgz and each named run without its
+# checkpoints, weights in bf16 (the KD step holds a teacher in bf16 anyway).
+#
+#   bash experiments/carry_runs.sh RUNS_DIR RUN [RUN ...]     e.g. ~/runs/h2h teacher
+set -euo pipefail
+runs=${1:?runs dir}; shift
+here="$(cd "$(dirname "$0")/.." && pwd)"
+carry="$here/.h2hcarry"
+grep -qx "/.h2hcarry/" "$here/.git/info/exclude" 2>/dev/null || echo "/.h2hcarry/" >> "$here/.git/info/exclude"
+rm -rf "$carry"; mkdir -p "$carry"
+tar czf "$carry/data.tgz" -C "$runs" data
+for run in "$@"; do
+    [ -f "$runs/$run/train_summary.json" ] || { echo "$run has not finished (no train_summary.json)"; exit 2; }
+    cp -r "$runs/$run" "$carry/"; rm -rf "$carry/$run/checkpoints" "$carry/$run/tensorboard" "$carry/$run/.lock"
+    "$here/.venv/bin/python" -c "import sys, torch; from safetensors.torch import load_file, save_file
+t = load_file(sys.argv[1]); save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, sys.argv[2], metadata={'format': 'pt'})" \
+        "$runs/$run/model.safetensors" "$carry/$run/model.safetensors"
+done
+du -sh "$carry"
