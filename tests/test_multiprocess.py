@@ -214,3 +214,33 @@ def test_two_processes_resume_exactly_after_a_kill(small_data, tmp_path):
     assert state["processes"] == 2 and state["stream"] == {"epoch": 8, "batch": 0}
     rng = [load_file(str(out / f"checkpoints/last/rng.{rank}.safetensors")) for rank in (0, 1)]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_train_processes_launches_and_reports_a_failure_in_one_line(small_data, tmp_path):
+    """``combinekd train --processes 2`` starts the processes itself: a failure of one ends the command
+    with exit code 2 and one line (no launcher traceback); resumed without the failure it finishes, and
+    the summary is printed once."""
+    out = tmp_path / "run"
+    cfg = small_config(small_data, out, **{"train.max_steps": 4, "train.eval_every": 2})
+    config = out.with_suffix(".yaml")
+    config.write_text(dump_config(cfg), encoding="utf-8")
+
+    def launch(*args: str, env: dict | None = None) -> tuple[int, str]:
+        tag = uuid.uuid4().hex
+        run = subprocess.Popen([sys.executable, "-m", "combinekd", "train", str(config), "--processes", "2", *args],
+                               env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1",
+                                    "COMBINEKD_TEST_LAUNCH": tag, **(env or {})},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run.tag = tag
+        return finish(run)
+
+    code, output = launch(env={"COMBINEKD_TEST_FAIL": "1:3"})
+    assert code == 2, output[-3000:]
+    assert "combinekd: error (process 1 of 2): test failure on process 1 after update 3\n" in output
+    assert re.search(r"combinekd: error: process 1 of 2 failed \(exit code 2\): its error is above\n$", output), \
+        output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    code, output = launch("--resume")
+    assert code == 0, output[-3000:]
+    summaries = [line for line in output.splitlines() if line.startswith('{"steps"')]
+    assert len(summaries) == 1 and json.loads(summaries[0])["steps"] == 4, output[-3000:]

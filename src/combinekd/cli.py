@@ -41,10 +41,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from combinekd.config import load_config
     from combinekd.trainer import first_process, train
 
-    cfg = load_config(args.config, args.set or [])
+    cfg = load_config(args.config, args.set or [])  # checked once, before any process starts
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
     summary = train(cfg, resume=args.resume)
     if first_process():
         print(json.dumps(summary))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``train --processes N``: N processes on this machine through torch's own launcher (what ``torchrun
+    --standalone --nproc-per-node N`` does), with a failure reported as one line and exit code 2."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = ["-m", "combinekd", "train", args.config, *[f"--set={kv}" for kv in args.set or []],
+            *(["--resume"] if args.resume else [])]
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)(*argv)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()  # the root cause; the others were stopped because of it
+        raise UserError(f"process {rank} of {args.processes} failed (exit code {failure.exitcode}): "
+                        "its error is above") from None
     return 0
 
 
@@ -224,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (`combinekd config --show` lists every key)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir exactly")
+    t.add_argument("--processes", type=_positive, default=1,
+                   help="processes on this machine (GPUs, or CPU processes with gloo); several machines: "
+                        "torchrun or accelerate launch (README)")
 
     cf = command(sub, "config", "list every config key, or check a config and print it with its defaults",
                  _cmd_config)
