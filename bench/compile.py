@@ -18,21 +18,13 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import load_tokenizer
 from combinekd.distill import build_objective
+from distill_step import sync, train_step
 from train_throughput import batches
 
 
 def run(objective, data: list[dict], autocast, warmup: int) -> tuple[float, float]:
     """(seconds for the first ``warmup`` steps, steady-state target tokens/s over the rest)."""
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
-
-    def step(batch):
-        with autocast():
-            loss = objective(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    step = train_step(objective, torch.optim.AdamW(objective.parameters(), lr=1e-4), autocast)
     start = time.perf_counter()
     for batch in data[:warmup]:
         step(batch)

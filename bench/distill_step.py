@@ -38,6 +38,17 @@ def timed(step, batches, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / len(batches[warmup:])
 
 
+def train_step(objective, optimizer, autocast):
+    """One update of ``objective`` on a batch, as the trainer runs it: loss, backward, optimizer step."""
+    def step(batch):
+        with autocast():
+            loss = objective(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -65,24 +76,15 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None, device: st
         plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None})).to(device)
         teacher = kd.teacher
 
-        def train_step(objective, optimizer):
-            def step(batch):
-                with autocast():
-                    loss = objective(batch)["loss"]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            return step
-
         @torch.no_grad()
         def teacher_forward(batch):  # the teacher as the KD step runs it (bf16 weights when teacher_bf16)
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     decoder_input_ids=decoder_input_ids(teacher, batch["labels"]))
 
-        student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
+        student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), autocast), batches)
         teacher_s = timed(teacher_forward, batches)
-        kd_s = timed(train_step(kd, torch.optim.AdamW(kd.parameters(), lr=1e-4)), batches)
-        student_again = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)), batches)
+        kd_s = timed(train_step(kd, torch.optim.AdamW(kd.parameters(), lr=1e-4), autocast), batches)
+        student_again = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), autocast), batches)
         student_s = (student_s + student_again) / 2
         print(f"[{size}] teacher {t_cfg.model.encoder_layers}+{t_cfg.model.decoder_layers} d{t_cfg.model.d_model} -> "
               f"student {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "

@@ -14,8 +14,6 @@ tar czf "$carry/data.tgz" -C "$runs" data
 for run in "$@"; do
     [ -f "$runs/$run/train_summary.json" ] || { echo "$run has not finished (no train_summary.json)"; exit 2; }
     cp -r "$runs/$run" "$carry/"; rm -rf "$carry/$run/checkpoints" "$carry/$run/tensorboard" "$carry/$run/.lock"
-    "$here/.venv/bin/python" -c "import sys, torch; from safetensors.torch import load_file, save_file
-t = load_file(sys.argv[1]); save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, sys.argv[2], metadata={'format': 'pt'})" \
-        "$runs/$run/model.safetensors" "$carry/$run/model.safetensors"
+    "$here/.venv/bin/python" "$here/experiments/to_bf16.py" "$runs/$run/model.safetensors" "$carry/$run/model.safetensors"
 done
 du -sh "$carry"

@@ -48,13 +48,12 @@ wait $driver; echo "driver exit $?"; cat $runs/driver.log; echo "smoke rc $(cat 
 for r in teacher student-nokd student-word student-pkd student-ckd; do
     echo "== $r"; grep dev_bleu $runs/$r/train_log.jsonl 2>/dev/null | tail -2; cat $runs/$r/train_summary.json 2>/dev/null | head -12
 done
-cd $runs && tar czf $OUT/h2h.tar.gz --exclude='*.safetensors' --exclude=data --exclude=smoke . 2>/dev/null
+(cd $runs && tar czf $OUT/h2h.tar.gz --exclude='*.safetensors' --exclude=data --exclude=smoke . 2>/dev/null)
 pack() {  # pack RUN fp32|bf16: the run's weights into $OUT, if trained in this call
     local src=$runs/$1/model.safetensors
     [ -f "$src" ] && ! grep -qx "$1" <<< "$before" || return 0
     if [ "$2" = bf16 ]; then
-        python3 -c "import sys, torch; from safetensors.torch import load_file, save_file
-t = load_file(sys.argv[1]); save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, sys.argv[2], metadata={'format': 'pt'})" "$src" /tmp/$1.bf16
+        python3 experiments/to_bf16.py "$src" /tmp/$1.bf16
         src=/tmp/$1.bf16
     fi
     split -b 15M "$src" "$OUT/$1-$2.part-"
