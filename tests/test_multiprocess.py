@@ -148,6 +148,10 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(small_data, tm
     assert code == 0, output[-3000:]
     assert output.count('"steps": 4') == 1, "one summary, from process 0"
     ranks = [json.loads((tmp_path / f"trace.{rank}.json").read_text()) for rank in (0, 1)]
+    # the DDP wrapper (its reducer) is gone before the process group is destroyed: freed after it, it
+    # destroyed the group with the GIL held and hung about one run in five
+    assert [json.loads((tmp_path / f"trace.{rank}.teardown.json").read_text()) for rank in (0, 1)] == \
+        [{"ddp_alive": 0}] * 2
 
     single: list = []
     monkeypatch.setattr(trainer, "accumulate_gradients", trainer.accumulate_gradients)  # restored after the test

@@ -379,6 +379,11 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         write_train_card(out)  # README.md: the best model's card
     accelerator.wait_for_everyone()
+    # DDP's reducer must not hold the last reference to the process group: freed from there, gloo's
+    # destructor joins its worker threads with the GIL held while they may need it (a hang at exit, about
+    # one run in five on 2 busy cores). Freed by destroy_process_group (from Python), it releases the GIL.
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     return summary
 
