@@ -195,10 +195,12 @@ def test_vocab_losses_match_pytorch_in_value_and_gradient(eps, temperature):
     labels[0, 3:], labels[2, 1:] = -100, -100
     s1 = torch.randn(3, 5, 11, requires_grad=True)
     s2 = s1.detach().clone().requires_grad_(True)
-    hard, soft = vocab_losses(s1, t, labels, eps, temperature)
-    (0.3 * hard + 0.7 * soft).backward()
+    loss, hard, soft = vocab_losses(s1, t, labels, eps, temperature, w_hard=0.3, w_soft=0.7)
+    (2 * loss).backward()
     ref_hard, ref_soft = _reference_vocab_losses(s2, t, labels, eps, temperature)
-    (0.3 * ref_hard + 0.7 * ref_soft).backward()
+    (2 * (0.3 * ref_hard + 0.7 * ref_soft)).backward()
+    assert not hard.requires_grad and not soft.requires_grad
+    assert loss.item() == pytest.approx(0.3 * ref_hard.item() + 0.7 * ref_soft.item(), rel=1e-5)
     assert hard.item() == pytest.approx(ref_hard.item(), rel=1e-5)
     assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-5)
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
@@ -212,9 +214,11 @@ def test_vocab_losses_gradcheck_and_no_teacher():
     s = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 4, 7, dtype=torch.float64)
     labels = torch.tensor([[1, 2, 3, -100], [6, 0, -100, -100]])
-    assert torch.autograd.gradcheck(lambda x: vocab_losses(x, t, labels, 0.1, 2.0), (s,))
+    for temperature in (1.0, 2.0):
+        assert torch.autograd.gradcheck(lambda x: vocab_losses(x, t, labels, 0.1, temperature, 0.4, 0.6)[0], (s,))
     assert torch.autograd.gradcheck(lambda x: vocab_losses(x, None, labels, 0.1, 1.0)[0], (s,))
-    assert vocab_losses(s, None, labels, 0.1)[1].item() == 0.0
+    loss, hard, soft = vocab_losses(s, None, labels, 0.1, w_soft=0.5)  # no teacher: no soft term
+    assert soft.item() == 0.0 and loss.item() == hard.item()
 
 
 def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
@@ -226,8 +230,9 @@ def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
     s = torch.randn(4, 6, 50).to(torch.bfloat16).requires_grad_(True)
     t = torch.randn(4, 6, 50).to(torch.bfloat16)
     labels = torch.randint(0, 50, (4, 6))
-    hard, soft = losses.vocab_losses(s, t, labels, 0.1, 1.0)
-    (hard + soft).backward()
+    labels[1, 2:] = -100  # padding across a chunk boundary
+    loss, hard, soft = losses.vocab_losses(s, t, labels, 0.1, 1.0, w_soft=1.0)
+    loss.backward()
     s32 = s.detach().float().requires_grad_(True)
     ref_hard, ref_soft = _reference_vocab_losses(s32, t.float(), labels, 0.1, 1.0)
     (ref_hard + ref_soft).backward()
@@ -235,6 +240,7 @@ def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
     assert hard.item() == pytest.approx(ref_hard.item(), rel=1e-5)
     assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-4)
     torch.testing.assert_close(s.grad.float(), s32.grad, rtol=2e-2, atol=1e-4)
+    assert s.grad[labels == -100].abs().sum() == 0
 
 
 def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):

@@ -109,8 +109,9 @@ class Objective(nn.Module):
             with torch.no_grad():  # the teacher's decoder starts from its own start token (BART: eos)
                 out_t = self.teacher(**{**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
             self._teacher_seconds += time.perf_counter() - start
-        hard, soft = vocab_losses(out_s.logits, out_t.logits if self.w_soft else None, labels,
-                                  self.label_smoothing, self.temperature)
+        # w_hard * hard + w_soft * soft, with the gradient; hard and soft themselves are values for the log
+        vocab, hard, soft = vocab_losses(out_s.logits, out_t.logits if self.w_soft else None, labels,
+                                         self.label_smoothing, self.temperature, self.w_hard, self.w_soft)
         parts = {"hard": hard, **({"soft": soft} if self.w_soft else {})}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if out_t is not None:
@@ -133,8 +134,9 @@ class Objective(nn.Module):
                     parts[f"attn_{side}"] = sum(
                         attention_loss(a_s[i - 1], torch.stack([a_t[j - 1] for j in group]).mean(0), masks[side])
                         for i, group in enumerate(groups, 1))
-        weights = {"hard": self.w_hard, "soft": self.w_soft, "layer": self.w_layer, "attn": self.w_attn}
-        parts["loss"] = sum(weights[name.split("_")[0]] * value for name, value in parts.items())
+        weights = {"layer": self.w_layer, "attn": self.w_attn}
+        parts["loss"] = vocab + sum(weights[name.split("_")[0]] * value for name, value in parts.items()
+                                    if name not in ("hard", "soft"))
         return {**parts, **stats}
 
 
@@ -254,13 +256,13 @@ def _check_same_parameters(s_layer: nn.Module, t_layer: nn.Module, teacher_type:
 
 def build_objective(cfg: Config, tokenizer) -> Objective:
     """The objective for a config: plain CE training, or KD from ``cfg.distill.teacher``."""
-    from combinekd.models import build_model, check_same_vocabulary, load_model_dir
+    from combinekd.models import build_model, check_same_vocabulary, load_model_dir, training_attention
 
-    needs_attn = bool(cfg.distill and cfg.distill.w_attn > 0)
-    student = build_model(cfg.model, tokenizer, attn_implementation="eager" if needs_attn else "sdpa")
+    attention = training_attention(attention_maps=bool(cfg.distill and cfg.distill.w_attn > 0))
+    student = build_model(cfg.model, tokenizer, attn_implementation=attention)
     if cfg.distill is None:
         return Objective(student, cfg)
-    teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher, attn_implementation="eager" if needs_attn else None)
+    teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher, attn_implementation=attention)
     check_same_vocabulary(teacher_tokenizer, tokenizer, f"the teacher {cfg.distill.teacher}",
                           f"the data in {cfg.data_dir}")
     teacher.eval().requires_grad_(False)

@@ -12,85 +12,96 @@ import torch.nn.functional as F
 
 
 def vocab_losses(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                 label_smoothing: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hard, soft)`` per non-pad target token (labels -100 = pad), the two terms over the vocabulary:
+                 label_smoothing: float, temperature: float = 1.0, w_hard: float = 1.0,
+                 w_soft: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, hard, soft)`` per non-pad target token (labels -100 = pad), the two terms over the vocabulary:
 
         hard = CE_ls(z_S, y) = (1 - eps) * -log p_S[y] + eps * mean_v(-log p_S[v])     (label smoothing eps)
         soft = T^2 * KL(q || p_S^T),  q = softmax(z_T / T),  p_S^T = softmax(z_S / T)  (word-level KD)
+        loss = w_hard * hard + w_soft * soft
 
-    ``soft`` is 0 without ``teacher_logits``. Logits of any float dtype (bf16 under autocast) are read
-    a chunk of rows at a time in fp32, and the backward pass writes the gradient directly,
+    ``loss`` carries the gradient; ``hard`` and ``soft`` are its parts' values (detached, for the log);
+    ``soft`` is 0 without ``teacher_logits``. Logits of any float dtype (bf16 under autocast) are read a
+    chunk of rows at a time in fp32. The gradient is written during the forward pass, while each chunk's
+    softmaxes are at hand (one exponential per logit and distribution, instead of computing them again
+    in the backward pass):
         d hard / dz = p_S - (1 - eps) * onehot(y) - eps / V,     d soft / dz = T * (p_S^T - q),
     so no full-vocabulary tensor is materialised besides the logits and their gradient (the plain
     autograd version keeps several fp32 copies: a 4,096-token batch x 8,000 words is 130 MB each)."""
     vocab = logits.shape[-1]
-    rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)
     teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    return _VocabLosses.apply(logits.reshape(-1, vocab), teacher, labels.reshape(-1), rows, label_smoothing,
-                              temperature)
+    wants_grad = torch.is_grad_enabled() and logits.requires_grad  # (inside forward, grad mode is off)
+    return _VocabLosses.apply(logits.reshape(-1, vocab), teacher, labels.reshape(-1), label_smoothing,
+                              temperature, w_hard, w_soft if teacher is not None else 0.0, wants_grad)
 
 
 _CHUNK_ELEMENTS = 1 << 20  # rows x vocabulary per chunk: 4 MB in fp32, stays in the CPU's cache
 
 
 class _VocabLosses(torch.autograd.Function):
-    """Both terms through log-partition functions, lse(z) = log sum_v exp(z_v), so no log-softmax is
-    materialised: -log p_S[v] = lse(z) - z_v, and with q = exp(z_T/T - lse(z_T/T)) (sum 1)
-    KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T). The backward pass needs only
-    the per-row lse values: p = exp(z - lse(z))."""
+    """Forward: per chunk of rows, the softmaxes p = exp(z - m) / sum exp(z - m) (m = max, for safety),
+    the log-partition lse(z) = m + log sum exp(z - m) (one exponential per logit), and from them
+        -log p_S[v] = lse(z) - z_v,   KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T),
+    and the gradient of ``loss``. Backward: that gradient times the incoming one."""
 
     @staticmethod
-    def forward(ctx, logits, teacher, labels, rows, eps, temperature):
+    def forward(ctx, logits, teacher, labels, eps, temperature, w_hard, w_soft, wants_grad):
         wide = torch.promote_types(logits.dtype, torch.float32)
-        lse, lse_t, lse_st = (torch.empty(rows.numel(), dtype=wide, device=logits.device) for _ in range(3))
+        vocab = logits.shape[-1]
+        valid = labels != -100
+        n = max(int(valid.sum()), 1)
         hard = logits.new_zeros((), dtype=torch.float64)
         soft = logits.new_zeros((), dtype=torch.float64)
-        for at, r in _chunks(rows, logits.shape[-1]):
-            z, part = _wide(logits[r]), slice(at, at + len(r))
-            lse[part] = z.logsumexp(-1)
-            hard += (lse[part] - (1 - eps) * z.gather(1, labels[r, None]).squeeze(1) - eps * z.mean(-1)).sum()
+        grad = torch.empty_like(logits) if wants_grad else None
+        step = max(1, _CHUNK_ELEMENTS // vocab)
+        for at in range(0, logits.shape[0], step):
+            rows = slice(at, at + step)
+            z, y = _wide(logits[rows]), labels[rows].clamp(min=0)[:, None]
+            scale = valid[rows].to(z.dtype) / n  # per row: 1/n, pad rows 0 (no loss, no gradient)
+            e, total, lse = _exp_sum(z)  # p_S = e / total
+            hard += ((lse - (1 - eps) * z.gather(1, y).squeeze(1) - eps * z.mean(-1)) * scale).sum()
             if teacher is not None:
-                z_t, z_s = _wide(teacher[r]), z
-                if temperature != 1:
-                    z_t, z_s = z_t / temperature, z / temperature
-                lse_st[part] = lse[part] if temperature == 1 else z_s.logsumexp(-1)
-                lse_t[part] = z_t.logsumexp(-1)
-                q = (z_t - lse_t[part, None]).exp_()
-                soft += ((q * (z_t - z_s)).sum(-1) - lse_t[part] + lse_st[part]).sum()
-        ctx.save_for_backward(logits, teacher, labels, rows, lse, lse_t, lse_st)
-        ctx.eps, ctx.temperature = eps, temperature
-        n = max(rows.numel(), 1)
-        return (hard / n).to(wide), (temperature ** 2 * soft / n).to(wide)
+                z_t = teacher[rows].to(z.dtype, copy=True)  # changed in place below
+                z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
+                e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
+                lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
+                cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v
+                soft += ((cross - lse_t + lse_s) * scale).sum()
+            if grad is None:
+                continue
+            if teacher is None:
+                g = e.mul_((w_hard * scale / total)[:, None])
+            else:
+                # d loss / dz = w_hard (p_S - (1 - eps) onehot(y) - eps / V) + w_soft T (p_S^T - q)
+                if temperature == 1:
+                    g = e.mul_(((w_hard + w_soft) * scale / total)[:, None])
+                else:
+                    g = e.mul_((w_hard * scale / total)[:, None])
+                    g.add_(z_s.sub_(lse_s[:, None]).exp_(), alpha=w_soft * temperature / n)  # pad rows: below
+                g.sub_(e_t.mul_((w_soft * temperature * scale / total_t)[:, None]))
+            g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
+            if temperature != 1 and teacher is not None:
+                g.mul_(valid[rows, None])
+            grad[rows] = g
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        parts = hard.to(wide), (temperature ** 2 * soft).to(wide)  # hard and soft are sums of rows / n
+        ctx.mark_non_differentiable(*parts)
+        return (w_hard * hard + w_soft * temperature ** 2 * soft).to(wide), *parts
 
     @staticmethod
-    def backward(ctx, grad_hard, grad_soft):
-        logits, teacher, labels, rows, lse, lse_t, lse_st = ctx.saved_tensors
-        eps, temperature = ctx.eps, ctx.temperature
-        n, vocab = max(rows.numel(), 1), logits.shape[-1]
-        grad = torch.zeros_like(logits)
-        for at, r in _chunks(rows, vocab):
-            z, part = _wide(logits[r]), slice(at, at + len(r))
-            p = (z - lse[part, None]).exp_()  # p_S
-            if teacher is None:
-                g = p.mul_(grad_hard)
-            else:
-                z_t = _wide(teacher[r]) if temperature == 1 else _wide(teacher[r]) / temperature
-                q = (z_t - lse_t[part, None]).exp_()
-                if temperature == 1:  # grad_hard * p_S + grad_soft * (p_S - q)
-                    g = p.mul_(grad_hard + grad_soft).sub_(q.mul_(grad_soft))
-                else:
-                    p_t = (z / temperature - lse_st[part, None]).exp_()
-                    g = p.mul_(grad_hard).add_(p_t.sub_(q).mul_(grad_soft * temperature))
-            g.sub_(grad_hard * eps / vocab)
-            g[torch.arange(len(r), device=g.device), labels[r]] -= grad_hard * (1 - eps)
-            grad[r] = g.div_(n).to(grad.dtype)
-        return grad, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        grad, = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def _chunks(rows: torch.Tensor, vocab: int):
-    """``(offset, row indices)`` of the chunks."""
-    step = max(1, _CHUNK_ELEMENTS // vocab)
-    return ((i, rows[i:i + step]) for i in range(0, rows.numel(), step))
+def _exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, total, lse)`` over the last dimension, one exponential per element and safe for any
+    logits: e = exp(z - max z), total = sum e (softmax(z) = e / total), lse = logsumexp(z)."""
+    m = z.amax(-1, keepdim=True)
+    e = (z - m).exp_()
+    total = e.sum(-1)
+    return e, total, m.squeeze(-1) + total.log()
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,14 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def training_attention(attention_maps: bool = False) -> str:
+    """The attention implementation to train with: ``sdpa`` on a GPU; ``eager`` where attention maps
+    are needed (the attention loss) and on CPU, where SDPA's CPU flash kernel is slower, its backward
+    above all (bench/attention.py, 2 threads, bf16: a 2+2 d256 training step 0.98 s with SDPA, 0.79 s
+    eager; 6+6 d256: 2.06 s, 1.58 s)."""
+    return "eager" if attention_maps or not torch.cuda.is_available() else "sdpa"
+
+
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     """A randomly initialised encoder-decoder Transformer with tied, shared source/target embeddings.
 
