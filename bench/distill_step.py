@@ -20,7 +20,7 @@ import torch
 
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
-from combinekd.distill import Objective, build_objective, decoder_input_ids
+from combinekd.distill import build_objective, decoder_input_ids
 from combinekd.models import build_model, save_model_dir
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
@@ -73,7 +73,7 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None, device: st
         torch.manual_seed(0)
         kd = build_objective(cfg, tokenizer).to(device)
         kd.collect_stats = False  # as the trainer runs it, but for the last update of each log window
-        plain = Objective(build_model(cfg.model, tokenizer), cfg.model_copy(update={"distill": None})).to(device)
+        plain = build_objective(cfg.model_copy(update={"distill": None}), tokenizer).to(device)  # same attention
         teacher = kd.teacher
 
         @torch.no_grad()

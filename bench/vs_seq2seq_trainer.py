@@ -24,7 +24,7 @@ from combinekd.config import load_config
 from combinekd.data import load_split, load_tokenizer
 
 
-def hf_seq2seq_trainer(cfg, steps: int, warmup: int, batch_sentences: int) -> float:
+def hf_seq2seq_trainer(cfg, steps: int, warmup: int, batch_sentences: int, attention: str) -> float:
     from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback)
 
     from combinekd.models import build_model
@@ -33,7 +33,7 @@ def hf_seq2seq_trainer(cfg, steps: int, warmup: int, batch_sentences: int) -> fl
     split = load_split(cfg.data_dir, "train", cfg.model.max_length)
     dataset = [{"input_ids": s, "labels": t} for s, t in zip(split.src, split.tgt)]
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer, attn_implementation=attention)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, padding=True)
     counted = {"tokens": 0, "start": None}
 
@@ -85,12 +85,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="updates not timed (first allocations)")
     parser.add_argument("--batch-sentences", type=int, default=128)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
+                        help="the HF model's attention: sdpa is transformers' default (combinekd trains with "
+                             "models.training_attention(): eager on CPU)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", *args.set])
     ours = combinekd_train(cfg, args.steps, args.warmup)
     print(f"combinekd train     : {ours:8.0f} target tokens/s", flush=True)
-    theirs = hf_seq2seq_trainer(cfg, args.steps, args.warmup, args.batch_sentences)
-    print(f"HF Seq2SeqTrainer   : {theirs:8.0f} target tokens/s")
+    theirs = hf_seq2seq_trainer(cfg, args.steps, args.warmup, args.batch_sentences, args.hf_attention)
+    print(f"HF Seq2SeqTrainer   : {theirs:8.0f} target tokens/s ({args.hf_attention} attention)")
     print(f"model {cfg.model.arch} {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
           f"bf16={cfg.train.bf16}, {args.steps} updates, threads={torch.get_num_threads()}: "
           f"ratio combinekd / Seq2SeqTrainer = {ours / theirs:.2f}")

@@ -60,9 +60,9 @@ if [ -n "${PARALLEL:-}" ]; then
 else
     run "${TEACHER_DEADLINE:-}" teacher configs/teacher-cpu.yaml
     run "${STUDENT_DEADLINE:-}" student-nokd configs/student-cpu.yaml --set distill=null
+    run "${STUDENT_DEADLINE:-}" student-ckd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=overlap
     run "${STUDENT_DEADLINE:-}" student-word configs/student-cpu.yaml "${kd[@]}" --set distill.w_layer=0
     run "${STUDENT_DEADLINE:-}" student-pkd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=skip
-    run "${STUDENT_DEADLINE:-}" student-ckd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=overlap
 fi
 
 models=("$runs/student-nokd" "$runs/student-word" "$runs/student-pkd" "$runs/student-ckd" "$runs/teacher")
