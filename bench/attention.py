@@ -1,11 +1,12 @@
-"""Which attention implementation trains faster here: transformers' SDPA against eager attention, for
-a training step (forward, backward, AdamW) and for a forward pass alone (the KD teacher's part), same
+"""Which attention implementation is faster here: transformers' SDPA against eager attention, for a
+training step (forward, backward, AdamW), a forward pass alone (the KD teacher's part) and greedy
+decoding of 64 dev sentences (random weights: each decodes to 64 tokens), same
 batches, bf16 as configured, one model size per config:
 
     python bench/attention.py --data DATADIR [--configs configs/student-cpu.yaml configs/teacher-cpu.yaml]
 
-combinekd trains with eager attention on CPU and SDPA on a GPU (models.training_attention), chosen by
-this bench; run it on your own hardware if it differs.
+combinekd trains and decodes with eager attention on CPU and SDPA on a GPU
+(models.preferred_attention), chosen by this bench; run it on your own hardware if it differs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from contextlib import nullcontext
 import torch
 
 from combinekd.config import load_config
-from combinekd.data import collate, load_split, load_tokenizer, token_batches
+from combinekd.data import collate, load_split, load_tokenizer, split_text, token_batches
 from combinekd.distill import Objective
+from combinekd.evaluate import translate
 from combinekd.models import build_model
 
 from distill_step import sync, train_step
@@ -43,6 +45,7 @@ def measure(config: str, data: str, steps: int, device: str) -> None:
     batches = [{k: v.to(device) for k, v in collate(split, idx, tokenizer.pad_token_id).items()}
                for idx in order[:steps + 2]]
     autocast = (lambda: torch.autocast(device, torch.bfloat16)) if cfg.train.bf16 else nullcontext
+    sources = split_text(data, "dev")[0][:64]
     m = cfg.model
     print(f"{config}: {m.encoder_layers}+{m.decoder_layers} d{m.d_model}, max_tokens {cfg.train.max_tokens}, "
           + (f"threads {torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name()))
@@ -56,7 +59,13 @@ def measure(config: str, data: str, steps: int, device: str) -> None:
             with autocast():
                 objective(batch)
         objective.eval()
-        print(f"  {implementation:5s}: training step {train:.3f} s, forward alone {per_step(forward, batches):.3f} s")
+        forward_s = per_step(forward, batches)
+        objective.student.generation_config.max_length = 64
+        start = time.perf_counter()
+        with autocast():
+            translate(objective.student, tokenizer, sources, beam=1, batch_size=64)
+        print(f"  {implementation:5s}: training step {train:.3f} s, forward alone {forward_s:.3f} s, "
+              f"greedy decoding {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:

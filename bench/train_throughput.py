@@ -18,7 +18,7 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective
-from combinekd.models import build_model, training_attention
+from combinekd.models import build_model, preferred_attention
 
 
 def batches(cfg, n: int) -> list[dict]:
@@ -51,7 +51,7 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer, attn_implementation=training_attention())  # as combinekd trains it
+    model = build_model(cfg.model, tokenizer, attn_implementation=preferred_attention())  # as combinekd trains it
     bare_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def bare_step(batch):

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
                         help="the HF model's attention: sdpa is transformers' default (combinekd trains with "
-                             "models.training_attention(): eager on CPU)")
+                             "models.preferred_attention(): eager on CPU)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", *args.set])
     ours = combinekd_train(cfg, args.steps, args.warmup)

@@ -65,16 +65,16 @@ def test_identical_student_has_zero_layer_and_soft_loss(data_dir, tmp_path):
             assert parts[f"{side}{i}/combiner_norm"].item() == 0.0
 
 
-def test_training_attention_is_eager_on_cpu_sdpa_on_gpu_unless_maps_are_needed(data_dir, teacher_dir, tmp_path,
-                                                                                monkeypatch):
-    """bench/attention.py: SDPA's CPU kernel trains slower than eager attention; on a GPU SDPA, unless
-    the attention loss needs the maps. Student and teacher alike."""
-    from combinekd.models import training_attention
+def test_attention_is_eager_on_cpu_sdpa_on_gpu_unless_maps_are_needed(data_dir, teacher_dir, tmp_path, monkeypatch):
+    """bench/attention.py: SDPA's CPU kernel trains and decodes slower than eager attention; on a GPU
+    SDPA, unless the attention loss needs the maps. Student, teacher and loaded models alike."""
+    from combinekd.models import load_model_dir, preferred_attention
 
     objective = build_objective(kd_config(data_dir, tmp_path / "o", teacher_dir), load_tokenizer(data_dir))
     assert {m.config._attn_implementation for m in (objective.student, objective.teacher)} == {"eager"}
+    assert load_model_dir(teacher_dir)[0].config._attn_implementation == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training_attention() == "sdpa" and training_attention(attention_maps=True) == "eager"
+    assert preferred_attention() == "sdpa" and preferred_attention(attention_maps=True) == "eager"
 
 
 def test_gradients_reach_student_and_combiners_never_teacher(data_dir, teacher_dir, tmp_path):

@@ -256,9 +256,9 @@ def _check_same_parameters(s_layer: nn.Module, t_layer: nn.Module, teacher_type:
 
 def build_objective(cfg: Config, tokenizer) -> Objective:
     """The objective for a config: plain CE training, or KD from ``cfg.distill.teacher``."""
-    from combinekd.models import build_model, check_same_vocabulary, load_model_dir, training_attention
+    from combinekd.models import build_model, check_same_vocabulary, load_model_dir, preferred_attention
 
-    attention = training_attention(attention_maps=bool(cfg.distill and cfg.distill.w_attn > 0))
+    attention = preferred_attention(attention_maps=bool(cfg.distill and cfg.distill.w_attn > 0))
     student = build_model(cfg.model, tokenizer, attn_implementation=attention)
     if cfg.distill is None:
         return Objective(student, cfg)

@@ -20,11 +20,12 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def training_attention(attention_maps: bool = False) -> str:
-    """The attention implementation to train with: ``sdpa`` on a GPU; ``eager`` where attention maps
-    are needed (the attention loss) and on CPU, where SDPA's CPU flash kernel is slower, its backward
-    above all (bench/attention.py, 2 threads, bf16: a 2+2 d256 training step 0.98 s with SDPA, 0.79 s
-    eager; 6+6 d256: 2.06 s, 1.58 s)."""
+def preferred_attention(attention_maps: bool = False) -> str:
+    """The attention implementation combinekd trains and decodes with: ``sdpa`` on a GPU; ``eager``
+    where attention maps are needed (the attention loss) and on CPU, where SDPA's CPU flash kernel is
+    slower (bench/attention.py, 2 threads, bf16: a 2+2 d256 training step 0.92 s with SDPA, 0.81-0.85 s
+    eager; 6+6 d256: 2.14-2.25 s, 1.73 s; greedy decoding of 160 dev sentences by the 6+6: 9.3-11.6 s,
+    7.2-7.7 s, the pt-en teacher of the head-to-head at update 4,200)."""
     return "eager" if attention_maps or not torch.cuda.is_available() else "sdpa"
 
 
@@ -78,8 +79,8 @@ def load_model_dir(path: str | Path, attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a Hugging Face model directory (ours or e.g. OPUS-MT).
 
     Any transformers encoder-decoder (tested: Marian, BART, mBART, M2M100/NLLB, Pegasus, T5).
-    ``attn_implementation`` None is transformers' default: SDPA where the architecture has it,
-    else eager (T5); "eager" when attention maps are needed.
+    ``attn_implementation`` None is eager on CPU (:func:`preferred_attention`) and transformers'
+    default on a GPU (SDPA where the architecture has it); "eager" when attention maps are needed.
 
     Strict: the weights must be safetensors (a pickle checkpoint can run code when loaded) and
     must be exactly the tensors the config describes; anything else is refused rather than
@@ -92,6 +93,8 @@ def load_model_dir(path: str | Path, attn_implementation: str | None = None):
     tokenizer = load_tokenizer(path)  # first: a dir without one fails before the weights are read
     weights = _weights_file(path)
     _check_seq2seq(path)
+    if attn_implementation is None and preferred_attention() == "eager":
+        attn_implementation = "eager"  # on a GPU: transformers' default, SDPA where the class has it (T5 4.x: not)
     try:
         # ignore_mismatched_sizes: a weight of another shape is reported in `info` like a missing one
         # (and refused below), not raised with details that transformers 5 only logs
