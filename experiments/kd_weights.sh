@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# KD weights chosen on dev (issue 6, item 4): the CKD student of configs/student-cpu.yaml trained for
+# UPDATES updates (default 1,500) with each weighting, from the same converged teacher; prints the dev
+# BLEU curve of each (test sets are not looked at). One run at a time (2 cores); resumable.
+#
+#   bash experiments/kd_weights.sh TEACHER_DIR DATA_DIR RUNS_DIR [UPDATES]
+#   e.g. bash experiments/kd_weights.sh ~/runs/h2h/teacher ~/runs/h2h/data ~/runs/kdw
+set -euo pipefail
+teacher=${1:?teacher dir}; data=${2:?data dir}; runs=${3:?runs dir}; updates=${4:-1500}
+here="$(cd "$(dirname "$0")/.." && pwd)"
+ckd="${CKD:-$here/.venv/bin/combinekd}"
+mkdir -p "$runs"
+declare -A weights=(
+    [combinekd]="distill.weights=combinekd"                                   # 0.5 / 0.5 / 1.0 (default)
+    [paper]="distill.weights=paper"                                           # 0.1 / 0.2 / 0.7
+    [soft-heavy]="distill.w_hard=0.2 distill.w_soft=0.8 distill.w_layer=1.0"
+    [layer-light]="distill.w_hard=0.5 distill.w_soft=0.5 distill.w_layer=0.1"
+)
+for name in combinekd paper soft-heavy layer-light; do
+    out="$runs/$name"
+    [ -f "$out/train_summary.json" ] && { echo "$name: finished"; continue; }
+    sets=(--set "data_dir=$data" --set "output_dir=$out" --set "distill.teacher=$teacher" --set "train.max_steps=$updates"
+          --set "train.patience=0")
+    for kv in ${weights[$name]}; do sets+=(--set "$kv"); done
+    resume=(); [ -d "$out/checkpoints/last" ] && resume=(--resume)
+    echo "$name: training ($(date))"
+    "$ckd" train "$here/configs/student-cpu.yaml" "${sets[@]}" "${resume[@]}" > "$runs/$name.log" 2>&1
+done
+for name in combinekd paper soft-heavy layer-light; do
+    printf '%-12s' "$name"; grep -h dev_bleu "$runs/$name/train_log.jsonl" | python3 -c \
+        'import json,sys; print(" ".join(f"{e[\"step\"]}:{e[\"dev_bleu\"]}" for e in map(json.loads, sys.stdin)))'
+done
