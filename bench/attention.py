@@ -23,18 +23,7 @@ from combinekd.distill import Objective
 from combinekd.evaluate import translate
 from combinekd.models import build_model
 
-from distill_step import sync, train_step
-
-
-def per_step(step, batches, warmup: int = 2) -> float:
-    for batch in batches[:warmup]:
-        step(batch)
-    sync()
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(batch)
-    sync()
-    return (time.perf_counter() - start) / len(batches[warmup:])
+from distill_step import timed, train_step
 
 
 def measure(config: str, data: str, steps: int, device: str) -> None:
@@ -52,14 +41,14 @@ def measure(config: str, data: str, steps: int, device: str) -> None:
     for implementation in ("sdpa", "eager", "sdpa", "eager"):  # twice each, interleaved
         torch.manual_seed(0)
         objective = Objective(build_model(cfg.model, tokenizer, attn_implementation=implementation), cfg).to(device)
-        train = per_step(train_step(objective, torch.optim.AdamW(objective.parameters(), lr=1e-4), autocast), batches)
+        train = timed(train_step(objective, torch.optim.AdamW(objective.parameters(), lr=1e-4), autocast), batches)
 
         @torch.no_grad()
         def forward(batch):
             with autocast():
                 objective(batch)
         objective.eval()
-        forward_s = per_step(forward, batches)
+        forward_s = timed(forward, batches)
         objective.student.generation_config.max_length = 64
         start = time.perf_counter()
         with autocast():

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
+from to_bf16 import to_bf16
+
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -26,7 +28,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def pack(run: Path, out: Path, best: bool = True) -> None:
     last = run / "checkpoints" / "last"
-    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(last / "objective.safetensors")).items()}
+    weights = to_bf16(load_file(str(last / "objective.safetensors")))
     moments = {k: (v.to(torch.bfloat16) if k.endswith("exp_avg_sq") else v)
                for k, v in load_file(str(last / "optimizer.safetensors")).items() if not k.endswith(".exp_avg")}
     with tarfile.open(out, "w:gz", compresslevel=6) as tar:
@@ -39,8 +41,7 @@ def pack(run: Path, out: Path, best: bool = True) -> None:
             if f.is_file() and f.name != "model.safetensors":
                 tar.add(f, f.name)
         if best and (run / "model.safetensors").is_file():
-            best = {k: v.to(torch.bfloat16) for k, v in load_file(str(run / "model.safetensors")).items()}
-            _add(tar, "model.bf16.safetensors", save(best))
+            _add(tar, "model.bf16.safetensors", save(to_bf16(load_file(str(run / "model.safetensors")))))
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
 
 

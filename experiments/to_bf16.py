@@ -9,7 +9,11 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+
+def to_bf16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point tensors in bf16, the others as they are."""
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 if __name__ == "__main__":
-    tensors = load_file(sys.argv[1])
-    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, sys.argv[2],
-              metadata={"format": "pt"})
+    save_file(to_bf16(load_file(sys.argv[1])), sys.argv[2], metadata={"format": "pt"})

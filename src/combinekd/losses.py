@@ -73,15 +73,11 @@ class _VocabLosses(torch.autograd.Function):
                 g = e.mul_((w_hard * scale / total)[:, None])
             else:
                 # d loss / dz = w_hard (p_S - (1 - eps) onehot(y) - eps / V) + w_soft T (p_S^T - q)
-                if temperature == 1:
-                    g = e.mul_(((w_hard + w_soft) * scale / total)[:, None])
-                else:
-                    g = e.mul_((w_hard * scale / total)[:, None])
-                    g.add_(z_s.sub_(lse_s[:, None]).exp_(), alpha=w_soft * temperature / n)  # pad rows: below
+                g = e.mul_(((w_hard + (w_soft if temperature == 1 else 0.0)) * scale / total)[:, None])
+                if temperature != 1:  # p_S^T is not p_S: its own softmax
+                    g.add_(z_s.sub_(lse_s[:, None]).exp_().mul_((w_soft * temperature * scale)[:, None]))
                 g.sub_(e_t.mul_((w_soft * temperature * scale / total_t)[:, None]))
             g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
-            if temperature != 1 and teacher is not None:
-                g.mul_(valid[rows, None])
             grad[rows] = g
         if grad is not None:
             ctx.save_for_backward(grad)
