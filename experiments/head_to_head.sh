@@ -59,8 +59,9 @@ if [ -n "${PARALLEL:-}" ]; then
     wait "$nokd"; wait "$word"; wait "$pkd"
 else
     run "${TEACHER_DEADLINE:-}" teacher configs/teacher-cpu.yaml
-    run "${STUDENT_DEADLINE:-}" student-nokd configs/student-cpu.yaml --set distill=null
+    # CKD, the method under test, first; then its baseline and the other KD methods
     run "${STUDENT_DEADLINE:-}" student-ckd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=overlap
+    run "${STUDENT_DEADLINE:-}" student-nokd configs/student-cpu.yaml --set distill=null
     run "${STUDENT_DEADLINE:-}" student-word configs/student-cpu.yaml "${kd[@]}" --set distill.w_layer=0
     run "${STUDENT_DEADLINE:-}" student-pkd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=skip
 fi
