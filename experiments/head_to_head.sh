@@ -59,11 +59,12 @@ if [ -n "${PARALLEL:-}" ]; then
     wait "$nokd"; wait "$word"; wait "$pkd"
 else
     run "${TEACHER_DEADLINE:-}" teacher configs/teacher-cpu.yaml
-    # CKD, the method under test, first; then its baseline and the other KD methods
+    # CKD, the method under test, first; the no-KD baseline last (the cheapest run, and the one most
+    # likely to exist already: a GPU run of the same recipe)
     run "${STUDENT_DEADLINE:-}" student-ckd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=overlap
-    run "${STUDENT_DEADLINE:-}" student-nokd configs/student-cpu.yaml --set distill=null
     run "${STUDENT_DEADLINE:-}" student-word configs/student-cpu.yaml "${kd[@]}" --set distill.w_layer=0
     run "${STUDENT_DEADLINE:-}" student-pkd configs/student-cpu.yaml "${kd[@]}" --set distill.encoder.strategy=skip
+    run "${STUDENT_DEADLINE:-}" student-nokd configs/student-cpu.yaml --set distill=null
 fi
 
 models=("$runs/student-nokd" "$runs/student-word" "$runs/student-pkd" "$runs/student-ckd" "$runs/teacher")
