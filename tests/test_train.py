@@ -159,6 +159,28 @@ def test_overrides_parse_yaml_values():
     assert cfg.distill.encoder.groups == [[1, 2], [3]] and cfg.distill.encoder.loss == "mse"
 
 
+@pytest.mark.parametrize("arch", ["pre-ln", "post-ln"])
+@pytest.mark.parametrize("which", ["attention_dropout", "activation_dropout"])
+def test_attention_and_activation_dropout_reach_the_model(data_dir, arch, which):
+    """With the residual dropout at 0, training-mode forwards differ only if the chosen dropout acts."""
+    from combinekd.config import ModelConfig
+    from combinekd.data import load_tokenizer
+    from combinekd.models import build_model
+
+    tokenizer = load_tokenizer(data_dir)
+    shape = dict(arch=arch, encoder_layers=1, decoder_layers=1, d_model=32, ffn_dim=64, heads=2, max_length=64,
+                 dropout=0.0)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 2]]), "decoder_input_ids": torch.tensor([[3, 8, 9]])}
+
+    def two_training_forwards(**dropout):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**shape, **dropout), tokenizer).train()
+        return model(**batch).logits, model(**batch).logits
+
+    assert torch.equal(*two_training_forwards())
+    assert not torch.equal(*two_training_forwards(**{which: 0.5}))
+
+
 def test_compare_prints_a_table_with_bootstrap(trained_model, data_dir, capsys):
     out, _ = trained_model
     assert main(["compare", str(out), str(out), "--data", str(data_dir), "--beam", "1", "--json"]) == 0

@@ -69,6 +69,9 @@ class ModelConfig(_Strict):
     ffn_dim: int = Field(2048, ge=8, description="feed-forward inner width")
     heads: int = Field(8, ge=1, description="attention heads; must divide d_model")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout after attention, feed-forward and embeddings")
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the attention weights")
+    activation_dropout: float = Field(0.0, ge=0.0, lt=1.0,
+                                      description="dropout after the feed-forward activation (inside the ffn)")
     max_length: int = Field(256, ge=8, description="longest sequence (positions) the model handles")
 
     @model_validator(mode="after")

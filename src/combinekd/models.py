@@ -44,7 +44,7 @@ def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
         encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
         encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
-        attention_dropout=0.0, activation_dropout=0.0, activation_function="swish",
+        attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout, activation_function="swish",
         max_position_embeddings=cfg.max_length, scale_embedding=True, tie_word_embeddings=True,
         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=pad,
         forced_eos_token_id=tokenizer.eos_token_id)
