@@ -22,7 +22,6 @@ from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective, decoder_input_ids
 from combinekd.models import build_model, save_model_dir
-from combinekd.trainer import keep_freed_memory
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
          "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
@@ -57,7 +56,6 @@ def sync() -> None:
 
 def measure(size: str, data: str, steps: int, max_tokens: int | None, device: str = "cpu") -> None:
     teacher_yaml, student_yaml = SIZES[size]
-    keep_freed_memory()  # malloc as `combinekd train` sets it
     tokenizer = load_tokenizer(data)
     with tempfile.TemporaryDirectory() as tmp:
         t_cfg = load_config(teacher_yaml, [f"data_dir={data}", f"output_dir={tmp}/t"])

@@ -90,11 +90,10 @@ def main() -> None:
                              "models.preferred_attention(): eager on CPU)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", *args.set])
-    # Seq2SeqTrainer first: `combinekd train` changes the process's malloc settings (trainer.keep_freed_memory)
-    theirs = hf_seq2seq_trainer(cfg, args.steps, args.warmup, args.batch_sentences, args.hf_attention)
-    print(f"HF Seq2SeqTrainer   : {theirs:8.0f} target tokens/s ({args.hf_attention} attention)", flush=True)
     ours = combinekd_train(cfg, args.steps, args.warmup)
-    print(f"combinekd train     : {ours:8.0f} target tokens/s")
+    print(f"combinekd train     : {ours:8.0f} target tokens/s", flush=True)
+    theirs = hf_seq2seq_trainer(cfg, args.steps, args.warmup, args.batch_sentences, args.hf_attention)
+    print(f"HF Seq2SeqTrainer   : {theirs:8.0f} target tokens/s ({args.hf_attention} attention)")
     print(f"model {cfg.model.arch} {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
           f"bf16={cfg.train.bf16}, {args.steps} updates, threads={torch.get_num_threads()}: "
           f"ratio combinekd / Seq2SeqTrainer = {ours / theirs:.2f}")

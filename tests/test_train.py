@@ -181,31 +181,6 @@ def test_attention_and_activation_dropout_reach_the_model(data_dir, arch, which)
     assert not torch.equal(*two_training_forwards(**{which: 0.5}))
 
 
-def test_keep_freed_memory_lets_a_freed_large_block_be_reused_without_page_faults():
-    """By default (glibc) a freed 64 MB block goes back to the OS and the next one is faulted in page by
-    page; after keep_freed_memory() (which train() calls) later allocations reuse the freed memory."""
-    import platform
-    import subprocess
-
-    code = """
-import resource, sys, torch
-from combinekd.trainer import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-for _ in range(5):  # 64 MB blocks, each freed at once (the first few shape the heap)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 << 20).fill_(1)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)  # page faults of the last one
-"""
-    runs = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True)
-            .stdout.split() for how in ("default", "keep")}
-    if platform.libc_ver()[0] != "glibc":
-        assert runs["keep"][0] == "False"  # nothing changed, and it says so
-        return
-    default_faults, kept_faults = int(runs["default"][1]), int(runs["keep"][1])
-    assert runs["keep"][0] == "True"
-    assert default_faults >= 16 and kept_faults * 10 < default_faults, runs
-
-
 def test_compare_prints_a_table_with_bootstrap(trained_model, data_dir, capsys):
     out, _ = trained_model
     assert main(["compare", str(out), str(out), "--data", str(data_dir), "--beam", "1", "--json"]) == 0

@@ -252,7 +252,6 @@ def train(cfg: Config, objective=None, resume: bool = False) -> dict:
     directory is refused; it also cleans up after a run that was killed while writing a checkpoint."""
     out = Path(cfg.output_dir)
     check_output_dir(out)
-    keep_freed_memory()
     try:
         if not first_process():
             return _train(cfg, objective, resume)
@@ -263,24 +262,6 @@ def train(cfg: Config, objective=None, resume: bool = False) -> dict:
         if "by peer" not in str(exc) or not torch.distributed.is_initialized():
             raise
         raise UserError("another process of this run stopped: see its error") from None
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc serve large blocks from its heap and keep them when freed, so that the next
-    step reuses them. By default each block above 32 MB is a fresh ``mmap`` (one batch's logits in
-    fp32: 4,096 tokens x 8,000 words = 131 MB; their gradient, the loss's chunks...), so every step
-    page-faults and zeroes hundreds of MB again. Measured with ``bench/distill_step.py`` on 2 CPU
-    threads (pt-en, 6+6 d256 teacher, 2+2 student): student step 0.86 -> 0.64 s, KD step 1.38 -> 1.17 s.
-    Process-wide and permanent (a training process keeps its peak memory anyway); returns False, and
-    changes nothing, where the C library is not glibc."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's C library
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def first_process() -> bool:
