@@ -199,7 +199,7 @@ def _reference_vocab_losses(s, t, labels, eps, temperature):
 def test_vocab_losses_match_pytorch_in_value_and_gradient(eps, temperature):
     """The fused hard/soft loss equals label-smoothed cross-entropy and T^2 KL(teacher || student) over
     the non-pad tokens, and so do the gradients (for any weights of the two terms)."""
-    from combinekd.losses import vocab_losses
+    from combinekd.losses import Logits, vocab_losses
 
     torch.manual_seed(0)
     t = torch.randn(3, 5, 11)
@@ -207,7 +207,7 @@ def test_vocab_losses_match_pytorch_in_value_and_gradient(eps, temperature):
     labels[0, 3:], labels[2, 1:] = -100, -100
     s1 = torch.randn(3, 5, 11, requires_grad=True)
     s2 = s1.detach().clone().requires_grad_(True)
-    loss, hard, soft = vocab_losses(s1, t, labels, eps, temperature, w_hard=0.3, w_soft=0.7)
+    loss, hard, soft = vocab_losses(Logits(s1), Logits(t), labels, eps, temperature, w_hard=0.3, w_soft=0.7)
     (2 * loss).backward()
     ref_hard, ref_soft = _reference_vocab_losses(s2, t, labels, eps, temperature)
     (2 * (0.3 * ref_hard + 0.7 * ref_soft)).backward()
@@ -220,16 +220,23 @@ def test_vocab_losses_match_pytorch_in_value_and_gradient(eps, temperature):
 
 
 def test_vocab_losses_gradcheck_and_no_teacher():
-    from combinekd.losses import vocab_losses
+    from combinekd.losses import Logits, vocab_losses
 
     torch.manual_seed(1)
     s = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 4, 7, dtype=torch.float64)
     labels = torch.tensor([[1, 2, 3, -100], [6, 0, -100, -100]])
     for temperature in (1.0, 2.0):
-        assert torch.autograd.gradcheck(lambda x: vocab_losses(x, t, labels, 0.1, temperature, 0.4, 0.6)[0], (s,))
-    assert torch.autograd.gradcheck(lambda x: vocab_losses(x, None, labels, 0.1, 1.0)[0], (s,))
-    loss, hard, soft = vocab_losses(s, None, labels, 0.1, w_soft=0.5)  # no teacher: no soft term
+        assert torch.autograd.gradcheck(
+            lambda x: vocab_losses(Logits(x), Logits(t), labels, 0.1, temperature, 0.4, 0.6)[0], (s,))
+    assert torch.autograd.gradcheck(lambda x: vocab_losses(Logits(x), None, labels, 0.1, 1.0)[0], (s,))
+    # through the output layer: gradients to the states and to W (bias a buffer), teacher as states too
+    h = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    b, h_t, w_t = (torch.randn(*shape, dtype=torch.float64) for shape in ((1, 7), (2, 4, 3), (7, 3)))
+    assert torch.autograd.gradcheck(lambda x, y: vocab_losses(
+        Logits(x, y, b), Logits(h_t, w_t), labels, 0.1, 2.0, 0.4, 0.6)[0], (h, w))
+    loss, hard, soft = vocab_losses(Logits(s), None, labels, 0.1, w_soft=0.5)  # no teacher: no soft term
     assert soft.item() == 0.0 and loss.item() == hard.item()
 
 
@@ -243,7 +250,7 @@ def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
     t = torch.randn(4, 6, 50).to(torch.bfloat16)
     labels = torch.randint(0, 50, (4, 6))
     labels[1, 2:] = -100  # padding across a chunk boundary
-    loss, hard, soft = losses.vocab_losses(s, t, labels, 0.1, 1.0, w_soft=1.0)
+    loss, hard, soft = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, w_soft=1.0)
     loss.backward()
     s32 = s.detach().float().requires_grad_(True)
     ref_hard, ref_soft = _reference_vocab_losses(s32, t.float(), labels, 0.1, 1.0)
@@ -253,6 +260,59 @@ def test_vocab_losses_take_bf16_logits_and_many_chunks(monkeypatch):
     assert soft.item() == pytest.approx(ref_soft.item(), rel=1e-4)
     torch.testing.assert_close(s.grad.float(), s32.grad, rtol=2e-2, atol=1e-4)
     assert s.grad[labels == -100].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["pre-ln", "post-ln"])
+def test_students_logits_as_states_and_output_layer(data_dir, arch):
+    """combinekd's own students (Pegasus and Marian classes) hand the loss their output layer, and it
+    computes their logits, under autocast too."""
+    from combinekd.distill import decoder_input_ids, forward_to_logits
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, encoder_layers=1, decoder_layers=1, d_model=32, ffn_dim=64, heads=4),
+                        load_tokenizer(data_dir)).eval()
+    model.final_logits_bias.normal_()
+    b = batch(data_dir, 4)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+              "decoder_input_ids": decoder_input_ids(model, b["labels"])}
+    for bf16 in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            _, logits = forward_to_logits(model, inputs)
+            expected = model(**inputs).logits
+        assert logits.weight is not None and logits.dtype == (torch.bfloat16 if bf16 else None)
+        z = torch.nn.functional.linear(logits.hidden.to(logits.dtype or torch.float32), logits.weight.to(
+            logits.dtype or torch.float32)).float() + logits.bias
+        torch.testing.assert_close(z, expected.float())
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_vocab_losses_apply_the_output_layer_a_chunk_at_a_time(monkeypatch, dtype):
+    """Logits given as states and output layer (z = h W^T + b, in ``dtype`` as under autocast): the same
+    loss and gradients (to h and W) as the full logits through autograd, over several chunks."""
+    import combinekd.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS_LINEAR", 4 * 50)  # 4 rows a chunk
+    torch.manual_seed(3)
+    h = torch.randn(3, 6, 16, requires_grad=True)
+    w = (torch.randn(50, 16) / 4).requires_grad_(True)
+    b = torch.randn(1, 50)
+    h_t, w_t = torch.randn(3, 6, 24), torch.randn(50, 24) / 5
+    labels = torch.randint(0, 50, (3, 6))
+    labels[0, 4:] = -100
+    loss, hard, soft = losses.vocab_losses(losses.Logits(h, w, b, dtype), losses.Logits(h_t, w_t, None, dtype),
+                                           labels, 0.1, 2.0, w_hard=0.6, w_soft=0.4)
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):  # the model's own forward
+        z, z_t = torch.nn.functional.linear(h2, w2) + b, torch.nn.functional.linear(h_t, w_t)
+    ref_hard, ref_soft = _reference_vocab_losses(z.float(), z_t.float(), labels, 0.1, 2.0)
+    (0.6 * ref_hard + 0.4 * ref_soft).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype is None else dict(rtol=2e-2, atol=2e-3)
+    assert hard.item() == pytest.approx(ref_hard.item(), rel=tol["rtol"])
+    assert soft.item() == pytest.approx(ref_soft.item(), rel=tol["rtol"])
+    torch.testing.assert_close(h.grad, h2.grad, **tol)
+    torch.testing.assert_close(w.grad, w2.grad, **tol)
+    assert h.grad[labels == -100].abs().sum() == 0
 
 
 def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):

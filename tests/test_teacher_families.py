@@ -69,6 +69,26 @@ def test_every_family_loads_with_an_attention_it_has(teachers, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_logits_as_states_and_output_layer_equal_the_models_own(data_dir, teachers, family):
+    """The KD loss applies each family's output layer itself (distill.forward_to_logits); what it
+    applies equals the model's own logits (T5, which rescales first, hands over its logits)."""
+    from combinekd.distill import LINEAR_OUTPUT, decoder_input_ids, forward_to_logits
+
+    model = load_model_dir(teachers[family])[0].eval()
+    if hasattr(model, "final_logits_bias"):  # zeros as initialised: make leaving it out visible
+        model.final_logits_bias.normal_()
+    b = batch(data_dir)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+              "decoder_input_ids": decoder_input_ids(model, b["labels"])}
+    with torch.no_grad():
+        _, logits = forward_to_logits(model, inputs)
+        expected = model(**inputs).logits
+    assert (logits.weight is not None) == (family in LINEAR_OUTPUT)
+    z = logits.hidden if logits.weight is None else torch.nn.functional.linear(logits.hidden, logits.weight)
+    torch.testing.assert_close(z + (0 if logits.bias is None else logits.bias), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ckd_step_with_every_teacher_family(data_dir, teachers, tmp_path, family):
     """CKD (both teacher layers into one student layer) on both sides plus word KD: finite loss,
     gradients on the student only, and the teacher's decoder reads its own start token."""

@@ -19,7 +19,7 @@ from torch import nn
 from combinekd.combiners import build_combiner
 from combinekd.config import Config, InitConfig, SideConfig
 from combinekd.errors import UserError, warn
-from combinekd.losses import attention_loss, layer_loss, masked_mean, vocab_losses
+from combinekd.losses import Logits, attention_loss, layer_loss, masked_mean, vocab_losses
 from combinekd.mapping import Groups, describe, layer_groups, random_groups
 
 SIDES = ("encoder", "decoder")
@@ -102,15 +102,16 @@ class Objective(nn.Module):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "decoder_input_ids": decoder_input_ids(self.student, labels),
                   "output_attentions": bool(self.sides) and self.w_attn > 0}
-        out_s = self.student(**inputs)
-        out_t = None
+        out_s, logits_s = forward_to_logits(self.student, inputs)
+        out_t = logits_t = None
         if self.teacher is not None:
             start = time.perf_counter()
             with torch.no_grad():  # the teacher's decoder starts from its own start token (BART: eos)
-                out_t = self.teacher(**{**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
+                out_t, logits_t = forward_to_logits(
+                    self.teacher, {**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
             self._teacher_seconds += time.perf_counter() - start
         # w_hard * hard + w_soft * soft, with the gradient; hard and soft themselves are values for the log
-        vocab, hard, soft = vocab_losses(out_s.logits, out_t.logits if self.w_soft else None, labels,
+        vocab, hard, soft = vocab_losses(logits_s, logits_t if self.w_soft else None, labels,
                                          self.label_smoothing, self.temperature, self.w_hard, self.w_soft)
         parts = {"hard": hard, **({"soft": soft} if self.w_soft else {})}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
@@ -159,6 +160,24 @@ class LayerTaps:
     def pop(self) -> dict[int, torch.Tensor]:
         outputs, self.outputs = self.outputs, {}
         return outputs
+
+
+# families whose logits are lm_head(decoder states) (+ final_logits_bias), lm_head linear without bias
+LINEAR_OUTPUT = {"marian", "pegasus", "bart", "mbart", "m2m_100"}
+
+
+def forward_to_logits(model: nn.Module, inputs: dict) -> tuple[Any, Logits]:
+    """Run a HF seq2seq model up to its output layer: ``(outputs, logits)``, the logits as the decoder's
+    last states and the output layer, which the loss applies a chunk at a time (``losses.Logits``).
+    Families not in LINEAR_OUTPUT (T5 rescales before its head) run whole and hand over their logits."""
+    head = model.get_output_embeddings()
+    if model.config.model_type not in LINEAR_OUTPUT or not isinstance(head, nn.Linear) or head.bias is not None:
+        out = model(**inputs)
+        return out, Logits(out.logits)
+    out = model.base_model(**inputs)
+    device = out.last_hidden_state.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return out, Logits(out.last_hidden_state, head.weight, getattr(model, "final_logits_bias", None), dtype)
 
 
 def decoder_input_ids(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,30 @@ non-padded positions given by ``mask`` (target tokens for the decoder, source to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 
-def vocab_losses(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+@dataclass
+class Logits:
+    """A model's logits z = h W^T + b, kept as the decoder's last states h and the output layer (W, b)
+    so that the loss applies the layer a chunk of rows at a time and no full-vocabulary tensor exists.
+    ``weight`` None: ``hidden`` are the logits themselves (models whose output layer is not linear).
+    ``dtype``: the precision of the product (bf16 under autocast), as the model's own forward."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+
+    @property
+    def vocab(self) -> int:
+        return self.hidden.shape[-1] if self.weight is None else self.weight.shape[0]
+
+
+def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Tensor,
                  label_smoothing: float, temperature: float = 1.0, w_hard: float = 1.0,
                  w_soft: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, hard, soft)`` per non-pad target token (labels -100 = pad), the two terms over the vocabulary:
@@ -20,22 +39,39 @@ def vocab_losses(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labe
         soft = T^2 * KL(q || p_S^T),  q = softmax(z_T / T),  p_S^T = softmax(z_S / T)  (word-level KD)
         loss = w_hard * hard + w_soft * soft
 
-    ``loss`` carries the gradient; ``hard`` and ``soft`` are its parts' values (detached, for the log);
-    ``soft`` is 0 without ``teacher_logits``. Logits of any float dtype (bf16 under autocast) are read a
-    chunk of rows at a time in fp32. The gradient is written during the forward pass, while each chunk's
-    softmaxes are at hand (one exponential per logit and distribution, instead of computing them again
-    in the backward pass):
+    ``loss`` carries the gradient (to the student's states and output layer); ``hard`` and ``soft``
+    are its parts' values (detached, for the log); ``soft`` is 0 without ``teacher_logits``. Logits
+    are formed a chunk of rows at a time and read in fp32. The gradient is written during the forward
+    pass, while each chunk's softmaxes are at hand (one exponential per logit and distribution,
+    instead of computing them again in the backward pass):
         d hard / dz = p_S - (1 - eps) * onehot(y) - eps / V,     d soft / dz = T * (p_S^T - q),
-    so no full-vocabulary tensor is materialised besides the logits and their gradient (the plain
-    autograd version keeps several fp32 copies: a 4,096-token batch x 8,000 words is 130 MB each)."""
-    vocab = logits.shape[-1]
-    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    wants_grad = torch.is_grad_enabled() and logits.requires_grad  # (inside forward, grad mode is off)
-    return _VocabLosses.apply(logits.reshape(-1, vocab), teacher, labels.reshape(-1), label_smoothing,
-                              temperature, w_hard, w_soft if teacher is not None else 0.0, wants_grad)
+        d loss / dh = (d loss / dz) W,     d loss / dW = (d loss / dz)^T h,
+    so no full-vocabulary tensor is ever materialised (a 4,096-token batch x 8,000 words is 130 MB
+    in fp32; the plain autograd version keeps several, and fresh blocks that size cost page faults)."""
+    if teacher_logits is not None and teacher_logits.vocab != logits.vocab:
+        raise ValueError(f"teacher predicts {teacher_logits.vocab} tokens, the student {logits.vocab}")
+    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in
+            (logits.hidden, None if teacher_logits is None else teacher_logits.hidden)]
+    teacher = teacher_logits or Logits(None)
+    grad_enabled = torch.is_grad_enabled()  # (inside forward, grad mode is off)
+    wants = tuple(grad_enabled and x is not None and x.requires_grad for x in (logits.hidden, logits.weight))
+    return _VocabLosses.apply(flat[0], logits.weight, logits.bias, logits.dtype, flat[1], teacher.weight,
+                              teacher.bias, teacher.dtype, labels.reshape(-1), label_smoothing, temperature,
+                              w_hard, w_soft if teacher_logits is not None else 0.0, wants)
 
 
-_CHUNK_ELEMENTS = 1 << 20  # rows x vocabulary per chunk: 4 MB in fp32, stays in the CPU's cache
+_CHUNK_ELEMENTS = 1 << 20  # rows x vocabulary per chunk of logits: 4 MB in fp32, stays in the CPU's cache
+_CHUNK_ELEMENTS_LINEAR = 1 << 22  # ... when the chunk's logits are computed here: fewer, larger products
+
+
+def _chunk_logits(hidden, weight, bias, dtype, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, h): one chunk's logits in fp32 (h W^T in ``dtype``, as the model computes it, then + b) and
+    the states it came from (in ``dtype``)."""
+    if weight is None:
+        return _wide(hidden[rows]), hidden[rows]
+    h = hidden[rows].to(dtype or hidden.dtype)
+    z = _wide(F.linear(h, weight))
+    return (z if bias is None else z.add_(bias.reshape(-1))), h
 
 
 class _VocabLosses(torch.autograd.Function):
@@ -45,31 +81,45 @@ class _VocabLosses(torch.autograd.Function):
     and the gradient of ``loss``. Backward: that gradient times the incoming one."""
 
     @staticmethod
-    def forward(ctx, logits, teacher, labels, eps, temperature, w_hard, w_soft, wants_grad):
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        vocab = logits.shape[-1]
+    def forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype, labels, eps, temperature,
+                w_hard, w_soft, wants):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _VocabLosses._forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype,
+                                         labels, eps, temperature, w_hard, w_soft, wants)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype, labels, eps, temperature,
+                 w_hard, w_soft, wants):
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        if weight is not None:  # the output layers in the product's precision, once
+            weight = weight.to(dtype or weight.dtype)
+        if t_weight is not None:
+            t_weight = t_weight.to(t_dtype or t_weight.dtype)
+        vocab = hidden.shape[-1] if weight is None else weight.shape[0]
         valid = labels != -100
         n = max(int(valid.sum()), 1)
-        hard = logits.new_zeros((), dtype=torch.float64)
-        soft = logits.new_zeros((), dtype=torch.float64)
-        grad = torch.empty_like(logits) if wants_grad else None
-        step = max(1, _CHUNK_ELEMENTS // vocab)
-        for at in range(0, logits.shape[0], step):
+        hard = hidden.new_zeros((), dtype=torch.float64)
+        soft = hidden.new_zeros((), dtype=torch.float64)
+        grad_h = torch.empty_like(hidden) if wants[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants[1] else None
+        step = max(1, (_CHUNK_ELEMENTS if weight is None else _CHUNK_ELEMENTS_LINEAR) // vocab)
+        for at in range(0, hidden.shape[0], step):
             rows = slice(at, at + step)
-            z, y = _wide(logits[rows]), labels[rows].clamp(min=0)[:, None]
+            z, h = _chunk_logits(hidden, weight, bias, dtype, rows)
+            y = labels[rows].clamp(min=0)[:, None]
             scale = valid[rows].to(z.dtype) / n  # per row: 1/n, pad rows 0 (no loss, no gradient)
             e, total, lse = _exp_sum(z)  # p_S = e / total
             hard += ((lse - (1 - eps) * z.gather(1, y).squeeze(1) - eps * z.mean(-1)) * scale).sum()
-            if teacher is not None:
-                z_t = teacher[rows].to(z.dtype, copy=True)  # changed in place below
+            if t_hidden is not None:
+                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0].to(z.dtype, copy=True)
                 z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
                 e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
                 lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
-                cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v
+                cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v  (z_t changed in place)
                 soft += ((cross - lse_t + lse_s) * scale).sum()
-            if grad is None:
+            if grad_h is None and grad_w is None:
                 continue
-            if teacher is None:
+            if t_hidden is None:
                 g = e.mul_((w_hard * scale / total)[:, None])
             else:
                 # d loss / dz = w_hard (p_S - (1 - eps) onehot(y) - eps / V) + w_soft T (p_S^T - q)
@@ -78,17 +128,24 @@ class _VocabLosses(torch.autograd.Function):
                     g.add_(z_s.sub_(lse_s[:, None]).exp_().mul_((w_soft * temperature * scale)[:, None]))
                 g.sub_(e_t.mul_((w_soft * temperature * scale / total_t)[:, None]))
             g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
-            grad[rows] = g
-        if grad is not None:
-            ctx.save_for_backward(grad)
+            if weight is None:
+                grad_h[rows] = g
+                continue
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[rows] = g @ weight  # d loss / dh = g W
+            if grad_w is not None:
+                grad_w += g.T @ h  # d loss / dW = g^T h, summed over the chunks in fp32
+        ctx.save_for_backward(grad_h, grad_w)
         parts = hard.to(wide), (temperature ** 2 * soft).to(wide)  # hard and soft are sums of rows / n
         ctx.mark_non_differentiable(*parts)
         return (w_hard * hard + w_soft * temperature ** 2 * soft).to(wide), *parts
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
-        grad, = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w)]
+        return grads[0], grads[1], *[None] * 12
 
 
 def _exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
