@@ -5,6 +5,7 @@
 #
 #   bash experiments/kd_weights.sh TEACHER_DIR DATA_DIR RUNS_DIR [UPDATES]
 #   e.g. bash experiments/kd_weights.sh ~/runs/h2h/teacher ~/runs/h2h/data ~/runs/kdw
+# SET="key=value ...": extra --set for every run (e.g. SET="model.d_model=192 model.ffn_dim=768").
 set -euo pipefail
 teacher=${1:?teacher dir}; data=${2:?data dir}; runs=${3:?runs dir}; updates=${4:-1500}
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +22,7 @@ for name in combinekd paper soft-heavy layer-light; do
     [ -f "$out/train_summary.json" ] && { echo "$name: finished"; continue; }
     sets=(--set "data_dir=$data" --set "output_dir=$out" --set "distill.teacher=$teacher" --set "train.max_steps=$updates"
           --set "train.patience=0")
-    for kv in ${weights[$name]}; do sets+=(--set "$kv"); done
+    for kv in ${weights[$name]} ${SET:-}; do sets+=(--set "$kv"); done
     resume=(); [ -d "$out/checkpoints/last" ] && resume=(--resume)
     echo "$name: training ($(date))"
     "$ckd" train "$here/configs/student-cpu.yaml" "${sets[@]}" "${resume[@]}" > "$runs/$name.log" 2>&1
