@@ -270,3 +270,26 @@ def test_the_run_log_is_silent_off_the_main_process(tmp_path):
     log.close()
     assert json.loads((tmp_path / "main" / "train_log.jsonl").read_text()) == {"step": 1, "loss": 2.0}
     assert any((tmp_path / "main" / "tensorboard").iterdir())
+
+
+def test_dev_loss_is_the_models_cross_entropy_per_target_token(trained_model, data_dir):
+    """validate's dev loss (the output layer applied inside the loss, a chunk at a time) equals
+    PyTorch's cross-entropy over the model's own full logits, summed over batches, per token."""
+    from contextlib import nullcontext
+
+    from combinekd.data import collate, load_split, load_tokenizer, split_text
+    from combinekd.distill import decoder_input_ids
+    from combinekd.models import load_model_dir
+    from combinekd.trainer import validate
+
+    out, _ = trained_model
+    model, tokenizer = load_model_dir(out)
+    cfg = load_config(str(out / "train_config.yaml"), [f"data_dir={data_dir}", "train.eval_max_sentences=4"])
+    dev = load_split(data_dir, "dev")
+    scores = validate(model, tokenizer, dev, split_text(data_dir, "dev"), cfg, nullcontext)
+    batch = collate(dev, list(range(len(dev.src))), tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model.eval()(**batch, decoder_input_ids=decoder_input_ids(model, labels)).logits
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels)
+    assert scores["dev_loss"] == pytest.approx(expected.item(), rel=1e-4)

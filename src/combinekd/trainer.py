@@ -208,8 +208,9 @@ def _load_rng(path: Path, rank: int, state: dict) -> None:
 def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str]], cfg: Config,
              autocast) -> dict:
     """Dev cross-entropy per target token and dev BLEU (sacreBLEU, greedy by default)."""
-    from combinekd.distill import decoder_input_ids
+    from combinekd.distill import decoder_input_ids, forward_to_logits
     from combinekd.evaluate import corpus_scores, translate
+    from combinekd.losses import vocab_losses
 
     student.eval()
     total, tokens = 0.0, 0
@@ -218,9 +219,10 @@ def validate(student, tokenizer, dev: Split, dev_text: tuple[list[str], list[str
         batch = {k: v.to(student.device) for k, v in collate(dev, indices, tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")  # one forward: the model does not compute its own loss as well
         with autocast():
-            logits = student(**batch, decoder_input_ids=decoder_input_ids(student, labels)).logits
-        total += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum").item()
-        tokens += int((labels != -100).sum())
+            logits = forward_to_logits(student, {**batch, "decoder_input_ids": decoder_input_ids(student, labels)})[1]
+        n = int((labels != -100).sum())
+        total += vocab_losses(logits, None, labels, label_smoothing=0.0)[1].item() * n  # mean CE x tokens
+        tokens += n
     sources, refs = dev_text
     if cfg.train.eval_max_sentences:
         sources, refs = sources[:cfg.train.eval_max_sentences], refs[:cfg.train.eval_max_sentences]
