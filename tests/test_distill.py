@@ -291,7 +291,7 @@ def test_vocab_losses_apply_the_output_layer_a_chunk_at_a_time(monkeypatch, dtyp
     loss and gradients (to h and W) as the full logits through autograd, over several chunks."""
     import combinekd.losses as losses
 
-    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS_LINEAR", 4 * 50)  # 4 rows a chunk
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 4 * 50)  # 4 rows a chunk
     torch.manual_seed(3)
     h = torch.randn(3, 6, 16, requires_grad=True)
     w = (torch.randn(50, 16) / 4).requires_grad_(True)

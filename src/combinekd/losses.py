@@ -60,8 +60,9 @@ def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Te
                               w_hard, w_soft if teacher_logits is not None else 0.0, wants)
 
 
-_CHUNK_ELEMENTS = 1 << 20  # rows x vocabulary per chunk of logits: 4 MB in fp32, stays in the CPU's cache
-_CHUNK_ELEMENTS_LINEAR = 1 << 22  # ... when the chunk's logits are computed here: fewer, larger products
+# rows x vocabulary per chunk of logits: 4 MB in fp32, stays in the CPU's cache (131 to 1,048 rows of
+# 8,000 words: the same speed within noise for CE + KL with both output layers, 4,096 x 256 states)
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunk_logits(hidden, weight, bias, dtype, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +103,7 @@ class _VocabLosses(torch.autograd.Function):
         soft = hidden.new_zeros((), dtype=torch.float64)
         grad_h = torch.empty_like(hidden) if wants[0] else None
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants[1] else None
-        step = max(1, (_CHUNK_ELEMENTS if weight is None else _CHUNK_ELEMENTS_LINEAR) // vocab)
+        step = max(1, _CHUNK_ELEMENTS // vocab)
         for at in range(0, hidden.shape[0], step):
             rows = slice(at, at + step)
             z, h = _chunk_logits(hidden, weight, bias, dtype, rows)
