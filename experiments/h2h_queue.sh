@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
+# to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 no-KD student (is
+# the teacher >= 2 BLEU above a narrower student?); the d256 word-KD and PKD students (completing the
+# d256 table); then the d192 KD students (experiments/head_to_head.sh with SET). Every step is skipped
+# when done and resumed when interrupted, so after a session ends simply run it again:
+#
+#   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
+#
+# H2H (default ~/runs/h2h: data, teacher, d256 students), D192 (default ~/runs/h2h-d192, with `data` and
+# `teacher` linked to H2H's), CODE (default: this checkout; the runs of 2026-11-28 used a worktree of
+# commit 2439519 at ~/runs/code, so that editing this checkout does not change a queued run), CORPUS
+# (default ../shared/data/bible/pt-en).
+set -u
+here="$(cd "$(dirname "$0")/.." && pwd)"
+code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}; runs=${D192:-$HOME/runs/h2h-d192}
+corpus=${CORPUS:-$here/../shared/data/bible/pt-en}
+export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/python
+ckd=$CKD
+cd "$code"
+mkdir -p "$runs"; [ -e "$runs/data" ] || ln -s "$h/data" "$runs/data"; [ -e "$runs/teacher" ] || ln -s "$h/teacher" "$runs/teacher"
+while pgrep -f "output_dir=$h/student-ckd" > /dev/null; do sleep 30; done  # a CKD run started elsewhere
+train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interrupted
+  local r=$1 name=$2; shift 2
+  [ -f "$r/$name/train_summary.json" ] && return 0
+  local resume=(); [ -d "$r/$name/checkpoints/last" ] && resume=(--resume)
+  echo "$r/$name: training ($(date))"
+  "$ckd" train configs/student-cpu.yaml --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" "${resume[@]}" \
+      >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
+}
+kd=(--set "distill.teacher=$h/teacher")
+d192=(--set model.d_model=192 --set model.ffn_dim=768)
+train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
+[ -f "$h/student-ckd/test.json" ] || "$ckd" evaluate "$h/student-ckd" --data "$h/data" --json > "$h/student-ckd/test.json"
+[ -f "$h/teacher/test.json" ] || "$ckd" evaluate "$h/teacher" --data "$h/data" --json > "$h/teacher/test.json"
+for q in float32 int8; do
+  [ -d "$h/student-ckd-ct2-$q" ] || "$ckd" export "$h/student-ckd" --out "$h/student-ckd-ct2-$q" --quantization $q
+done
+[ -f "$h/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$h/student-ckd" "$h/student-ckd-ct2-float32" \
+    "$h/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$h/benchmark-pt-en" > "$h/benchmark.log" 2>&1
+train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
+train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
+SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en
