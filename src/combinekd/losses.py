@@ -50,14 +50,15 @@ def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Te
     in fp32; the plain autograd version keeps several, and fresh blocks that size cost page faults)."""
     if teacher_logits is not None and teacher_logits.vocab != logits.vocab:
         raise ValueError(f"teacher predicts {teacher_logits.vocab} tokens, the student {logits.vocab}")
-    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in
-            (logits.hidden, None if teacher_logits is None else teacher_logits.hidden)]
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:  # (batch, length, features) -> (tokens, features)
+        return None if x is None else x.reshape(-1, x.shape[-1])
+
     teacher = teacher_logits or Logits(None)
     grad_enabled = torch.is_grad_enabled()  # (inside forward, grad mode is off)
     wants = tuple(grad_enabled and x is not None and x.requires_grad for x in (logits.hidden, logits.weight))
-    return _VocabLosses.apply(flat[0], logits.weight, logits.bias, logits.dtype, flat[1], teacher.weight,
-                              teacher.bias, teacher.dtype, labels.reshape(-1), label_smoothing, temperature,
-                              w_hard, w_soft if teacher_logits is not None else 0.0, wants)
+    return _VocabLosses.apply(rows(logits.hidden), logits.weight, logits.bias, logits.dtype, rows(teacher.hidden),
+                              teacher.weight, teacher.bias, teacher.dtype, labels.reshape(-1), label_smoothing,
+                              temperature, w_hard, w_soft if teacher_logits is not None else 0.0, wants)
 
 
 # rows x vocabulary per chunk of logits: 4 MB in fp32, stays in the CPU's cache (131 to 1,048 rows of
