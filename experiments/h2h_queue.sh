@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
-# to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 no-KD student (is
-# the teacher >= 2 BLEU above a narrower student?); the d256 word-KD and PKD students (completing the
+# to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
+# its benchmark (issue 9: 2.5x the teacher at beam 5?); a 2+2 d192 no-KD student (is the teacher >= 2
+# BLEU above a narrower student?); the d256 word-KD and PKD students (completing the
 # d256 table); then the d192 KD students (experiments/head_to_head.sh with SET). Every step is skipped
 # when done and resumed when interrupted, so after a session ends simply run it again:
 #
@@ -38,6 +39,13 @@ for q in float32 int8; do
 done
 [ -f "$h/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$h/student-ckd" "$h/student-ckd-ct2-float32" \
     "$h/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$h/benchmark-pt-en" > "$h/benchmark.log" 2>&1
+train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
+[ -f "$runs/student-ckd/test.json" ] || "$ckd" evaluate "$runs/student-ckd" --data "$h/data" --json > "$runs/student-ckd/test.json"
+for q in float32 int8; do
+  [ -d "$runs/student-ckd-ct2-$q" ] || "$ckd" export "$runs/student-ckd" --out "$runs/student-ckd-ct2-$q" --quantization $q
+done
+[ -f "$runs/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$runs/student-ckd" "$runs/student-ckd-ct2-float32" \
+    "$runs/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$runs/benchmark-pt-en" > "$runs/benchmark.log" 2>&1
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
