@@ -2,8 +2,8 @@
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
 # its benchmark (issue 9: 2.5x the teacher at beam 5?); a 2+2 d192 no-KD student (is the teacher >= 2
-# BLEU above a narrower student?); the d256 word-KD and PKD students (completing the
-# d256 table); then the d192 KD students (experiments/head_to_head.sh with SET). Every step is skipped
+# BLEU above a narrower student?); the d192 word-KD and PKD students and the d192 table
+# (experiments/head_to_head.sh with SET); then the d256 word-KD and PKD students. Every step is skipped
 # when done and resumed when interrupted, so after a session ends simply run it again:
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
@@ -47,6 +47,6 @@ done
 [ -f "$runs/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$runs/student-ckd" "$runs/student-ckd-ct2-float32" \
     "$runs/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$runs/benchmark-pt-en" > "$runs/benchmark.log" 2>&1
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
+SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
-SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en
