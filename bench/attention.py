@@ -24,7 +24,7 @@ from combinekd.distill import Objective
 from combinekd.evaluate import translate
 from combinekd.models import build_model
 
-from distill_step import timed, train_step
+from distill_step import timed_rounds, train_step
 
 
 def measure(config: str, data: str, steps: int, device: str) -> None:
@@ -42,14 +42,15 @@ def measure(config: str, data: str, steps: int, device: str) -> None:
     for implementation in ("sdpa", "eager", "sdpa", "eager"):  # twice each, interleaved
         torch.manual_seed(0)
         objective = Objective(build_model(cfg.model, tokenizer, attn_implementation=implementation), cfg).to(device)
-        train = timed(train_step(objective, torch.optim.AdamW(objective.parameters(), lr=1e-4), autocast), batches)
+        train = timed_rounds({"train": train_step(objective, torch.optim.AdamW(objective.parameters(), lr=1e-4), autocast)},
+                             batches, 1)["train"]
 
         @torch.no_grad()
         def forward(batch):
             with autocast():
                 objective(batch)
         objective.eval()
-        forward_s = timed(forward, batches)
+        forward_s = timed_rounds({"forward": forward}, batches, 1)["forward"]
         start = time.perf_counter()
         with autocast():
             translate(objective.student, tokenizer, sources, beam=1, batch_size=64)

@@ -2,11 +2,15 @@
 
     ratio = time(Objective step) / (time(student train step) + time(teacher forward))
 
-    python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8] [--device cuda]
+    python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8] [--rounds 1] [--device cuda]
 
 "cpu" is configs/teacher-cpu.yaml -> configs/student-cpu.yaml, "paper" is configs/teacher-6x6.yaml ->
 configs/student-2x2.yaml (random weights: speed does not depend on them). The KD step runs the
 default CKD (encoder overlap groups, linear combiner, w_soft > 0). Target: ratio <= 1.10.
+
+The three are timed in rounds over the same batches (student step, teacher forward, KD step on batch 1,
+then on batch 2, ...), so that this machine's drift in speed over a minute (up to 10-15% here) falls on
+all three alike; ``--rounds`` repeats the pass over the batches.
 """
 
 from __future__ import annotations
@@ -27,15 +31,22 @@ SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
          "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
 
 
-def timed(step, batches, warmup: int = 2) -> float:
+def timed_rounds(steps: dict, batches, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Mean seconds per batch of each step in ``steps``, run in turn on each batch (after ``warmup``
+    batches of each)."""
     for b in batches[:warmup]:
-        step(b)
-    sync()
-    start = time.perf_counter()
-    for b in batches[warmup:]:
-        step(b)
-    sync()
-    return (time.perf_counter() - start) / len(batches[warmup:])
+        for step in steps.values():
+            step(b)
+    total = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for b in batches[warmup:]:
+            for name, step in steps.items():
+                sync()
+                start = time.perf_counter()
+                step(b)
+                sync()
+                total[name] += time.perf_counter() - start
+    return {name: seconds / (rounds * len(batches[warmup:])) for name, seconds in total.items()}
 
 
 def train_step(objective, optimizer, autocast):
@@ -54,7 +65,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(size: str, data: str, steps: int, max_tokens: int | None, device: str = "cpu") -> None:
+def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | None, device: str = "cpu") -> None:
     teacher_yaml, student_yaml = SIZES[size]
     tokenizer = load_tokenizer(data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,11 +92,11 @@ def measure(size: str, data: str, steps: int, max_tokens: int | None, device: st
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     decoder_input_ids=decoder_input_ids(teacher, batch["labels"]))
 
-        student_s = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), autocast), batches)
-        teacher_s = timed(teacher_forward, batches)
-        kd_s = timed(train_step(kd, torch.optim.AdamW(kd.parameters(), lr=1e-4), autocast), batches)
-        student_again = timed(train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), autocast), batches)
-        student_s = (student_s + student_again) / 2
+        s = timed_rounds({"student": train_step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), autocast),
+                          "teacher": teacher_forward,
+                          "kd": train_step(kd, torch.optim.AdamW(kd.parameters(), lr=1e-4), autocast)},
+                         batches, rounds)
+        student_s, teacher_s, kd_s = s["student"], s["teacher"], s["kd"]
         print(f"[{size}] teacher {t_cfg.model.encoder_layers}+{t_cfg.model.decoder_layers} d{t_cfg.model.d_model} -> "
               f"student {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
               f"max_tokens {cfg.train.max_tokens}, " + (f"threads {torch.get_num_threads()}" if device == "cpu"
@@ -98,12 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--sizes", nargs="+", default=["cpu", "paper"], choices=sorted(SIZES))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed batches (after 2 for warm-up)")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the timed batches")
     parser.add_argument("--max-tokens", type=int, default=None, help="override the configs' batch size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     for size in args.sizes:
-        measure(size, args.data, args.steps, args.max_tokens, args.device)
+        measure(size, args.data, args.steps, args.rounds, args.max_tokens, args.device)
 
 
 if __name__ == "__main__":
