@@ -29,23 +29,22 @@ train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interr
   "$ckd" train configs/student-cpu.yaml --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" "${resume[@]}" \
       >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
+deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
+  local r=$1
+  [ -f "$r/student-ckd/test.json" ] || "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json > "$r/student-ckd/test.json"
+  for q in float32 int8; do
+    [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
+  done
+  [ -f "$r/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" \
+      "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$r/benchmark-pt-en" > "$r/benchmark.log" 2>&1
+}
 kd=(--set "distill.teacher=$h/teacher")
 d192=(--set model.d_model=192 --set model.ffn_dim=768)
 train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
-[ -f "$h/student-ckd/test.json" ] || "$ckd" evaluate "$h/student-ckd" --data "$h/data" --json > "$h/student-ckd/test.json"
 [ -f "$h/teacher/test.json" ] || "$ckd" evaluate "$h/teacher" --data "$h/data" --json > "$h/teacher/test.json"
-for q in float32 int8; do
-  [ -d "$h/student-ckd-ct2-$q" ] || "$ckd" export "$h/student-ckd" --out "$h/student-ckd-ct2-$q" --quantization $q
-done
-[ -f "$h/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$h/student-ckd" "$h/student-ckd-ct2-float32" \
-    "$h/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$h/benchmark-pt-en" > "$h/benchmark.log" 2>&1
+deploy "$h"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
-[ -f "$runs/student-ckd/test.json" ] || "$ckd" evaluate "$runs/student-ckd" --data "$h/data" --json > "$runs/student-ckd/test.json"
-for q in float32 int8; do
-  [ -d "$runs/student-ckd-ct2-$q" ] || "$ckd" export "$runs/student-ckd" --out "$runs/student-ckd-ct2-$q" --quantization $q
-done
-[ -f "$runs/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$runs/student-ckd" "$runs/student-ckd-ct2-float32" \
-    "$runs/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$runs/benchmark-pt-en" > "$runs/benchmark.log" 2>&1
+deploy "$runs"
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
