@@ -3,7 +3,8 @@
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
 # its benchmark (issue 9: 2.5x the teacher at beam 5?); a 2+2 d192 no-KD student (is the teacher >= 2
 # BLEU above a narrower student?); the d192 word-KD and PKD students and the d192 table
-# (experiments/head_to_head.sh with SET); then the d256 word-KD and PKD students. Every step is skipped
+# (experiments/head_to_head.sh with SET); KD weightings at d192, 1,500 updates each
+# (experiments/kd_weights.sh); then the d256 word-KD and PKD students. Every step is skipped
 # when done and resumed when interrupted, so after a session ends simply run it again:
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
@@ -47,5 +48,8 @@ train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d
 deploy "$runs"
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
+# KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
+NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
+    bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1

@@ -5,7 +5,10 @@
 #
 #   bash experiments/kd_weights.sh TEACHER_DIR DATA_DIR RUNS_DIR [UPDATES]
 #   e.g. bash experiments/kd_weights.sh ~/runs/h2h/teacher ~/runs/h2h/data ~/runs/kdw
-# SET="key=value ...": extra --set for every run (e.g. SET="model.d_model=192 model.ffn_dim=768").
+# SET="key=value ...": extra --set for every run (e.g. SET="model.d_model=192 model.ffn_dim=768");
+# NAMES="paper soft-heavy": only those weightings (default: all four). The learning-rate schedule does
+# not depend on train.max_steps, so the first UPDATES updates of a full run with the same config and
+# seed are the same run: a converged `combinekd` student's dev curve can stand in for its row.
 set -euo pipefail
 teacher=${1:?teacher dir}; data=${2:?data dir}; runs=${3:?runs dir}; updates=${4:-1500}
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,7 +20,8 @@ declare -A weights=(
     [soft-heavy]="distill.w_hard=0.2 distill.w_soft=0.8 distill.w_layer=1.0"
     [layer-light]="distill.w_hard=0.5 distill.w_soft=0.5 distill.w_layer=0.1"
 )
-for name in combinekd paper soft-heavy layer-light; do
+names=(${NAMES:-combinekd paper soft-heavy layer-light})
+for name in "${names[@]}"; do
     out="$runs/$name"
     [ -f "$out/train_summary.json" ] && { echo "$name: finished"; continue; }
     sets=(--set "data_dir=$data" --set "output_dir=$out" --set "distill.teacher=$teacher" --set "train.max_steps=$updates"
@@ -27,7 +31,7 @@ for name in combinekd paper soft-heavy layer-light; do
     echo "$name: training ($(date))"
     "$ckd" train "$here/configs/student-cpu.yaml" "${sets[@]}" "${resume[@]}" > "$runs/$name.log" 2>&1
 done
-for name in combinekd paper soft-heavy layer-light; do
+for name in "${names[@]}"; do
     printf '%-12s' "$name"; grep -h dev_bleu "$runs/$name/train_log.jsonl" | python3 -c \
         'import json,sys; print(" ".join(f"{e[\"step\"]}:{e[\"dev_bleu\"]}" for e in map(json.loads, sys.stdin)))'
 done
