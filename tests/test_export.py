@@ -86,6 +86,32 @@ def test_evaluate_and_translate_accept_the_ct2_dir(exports, trained_model, data_
     assert len(lines) == len(SENTENCES) and all(line.startswith("v") for line in lines)
 
 
+def test_hf_models_decode_in_bfloat16_and_ct2_models_refuse_a_dtype(exports, trained_model, data_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    import torch
+
+    from combinekd.engines import load_translator
+
+    hf16 = load_translator(trained_model[0], "bfloat16")
+    assert hf16.model.dtype == torch.bfloat16 and hf16.precision == "bfloat16"
+    hyps = {dtype: load_translator(trained_model[0], dtype).translate(SENTENCES, beam=2) for dtype in ("float32", "bfloat16")}
+    assert sum(a == b for a, b in zip(*hyps.values())) >= len(SENTENCES) - 1, hyps  # rounding may change one
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["evaluate", str(trained_model[0]), "--data", str(data_dir), "--beam", "2", "--dtype", dtype,
+                     "--out", str(tmp_path / f"{dtype}.hyp"), "--json"]) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+    assert [r["precision"] for r in results.values()] == ["float32", "bfloat16"]
+    assert abs(results["bfloat16"]["bleu"] - results["float32"]["bleu"]) < 2.0, results
+
+    assert main(["evaluate", str(exports["int8"]), "--data", str(data_dir), "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "ct2.hyp")]) == 2
+    assert "chosen when it was exported" in error_line(capsys) and not (tmp_path / "ct2.hyp").exists()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"w1 w2\n")))
+    assert main(["translate", str(exports["int8"]), "--dtype", "float16"]) == 2
+    assert "chosen when it was exported" in error_line(capsys)
+
+
 def test_compare_accepts_hf_and_ct2_dirs_together(exports, trained_model, data_dir, capsys):
     assert main(["compare", str(trained_model[0]), str(exports["int8"]), "--data", str(data_dir),
                  "--beam", "1", "--limit", "20", "--json"]) == 0
@@ -189,11 +215,12 @@ def tiny_student_config(data, out):
 def test_benchmark_measures_hf_and_ct2_models(exports, trained_model, data_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["benchmark", str(trained_model[0]), str(exports["int8"]), "--data", str(data_dir),
-                 "--limit", "6", "--threads", "1", "--out", str(out)]) == 0
+                 "--limit", "6", "--threads", "1", "--dtype", "bfloat16", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "1 threads for every engine" in table and "ctranslate2 int8" in table
+    assert "transformers bfloat16" in table  # --dtype: the Hugging Face models' precision only
     results = json.loads(out.with_suffix(".json").read_text())
-    assert [r["engine"] for r in results] == ["transformers", "ctranslate2"]
+    assert [(r["engine"], r["precision"]) for r in results] == [("transformers", "bfloat16"), ("ctranslate2", "int8")]
     for result in results:
         assert result["params"] > 0 and result["size_bytes"] > 0 and result["peak_rss_mb"] > 0
         assert [(r["beam"], r["batch_size"]) for r in result["runs"]] == [(5, 32), (5, 1), (1, 32), (1, 1)]

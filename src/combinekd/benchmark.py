@@ -30,8 +30,8 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _measure(model_dir: str, data_dir: str, split: str, threads: int, limit: int | None) -> dict:
-    """One model, all settings (run in a child process)."""
+def _measure(model_dir: str, data_dir: str, split: str, threads: int, limit: int | None, dtype: str) -> dict:
+    """One model, all settings (run in a child process); ``dtype``: a Hugging Face model's precision."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from sacrebleu.metrics import BLEU
 
@@ -44,7 +44,7 @@ def _measure(model_dir: str, data_dir: str, split: str, threads: int, limit: int
         import torch
 
         torch.set_num_threads(threads)
-        engine = HFTranslator(model_dir)
+        engine = HFTranslator(model_dir, dtype)
     sources, refs = split_text(data_dir, split)
     sources, refs = sources[:limit], refs[:limit]
     engine.translate(sources[:8], beam=5, batch_size=8)  # warm-up
@@ -71,14 +71,15 @@ def _measure(model_dir: str, data_dir: str, split: str, threads: int, limit: int
             row["latency_p95_ms"] = round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2)
         rows.append(row)
     return {"model": model_dir, "engine": engine.engine, "params": engine.params, "size_bytes": engine.size,
-            "quantization": getattr(engine, "info", {}).get("quantization", "float32"),
+            "precision": engine.precision,
             "peak_rss_mb": _peak_rss_mb(),
             "threads": threads, "n_sentences": len(sources), "split": split, "runs": rows}
 
 
 def benchmark(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", threads: int | None = None,
-              limit: int | None = None) -> list[dict]:
-    """Measure every model (checked first, before any decoding)."""
+              limit: int | None = None, dtype: str = "float32") -> list[dict]:
+    """Measure every model (checked first, before any decoding); the Hugging Face ones with their weights
+    in ``dtype`` (CTranslate2 models keep their export's precision)."""
     from combinekd.data import read_meta
     from combinekd.engines import check_translator_dir
 
@@ -92,7 +93,7 @@ def benchmark(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str
     results = []
     for model_dir in model_dirs:
         with context.Pool(1) as pool:
-            results.append(pool.apply(_measure, (str(model_dir), str(data_dir), split, threads, limit)))
+            results.append(pool.apply(_measure, (str(model_dir), str(data_dir), split, threads, limit, dtype)))
     return results
 
 
@@ -102,7 +103,7 @@ def markdown(results: Sequence[dict]) -> str:
             "latency mean / p95 (batch 1) | BLEU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     first = {(r["beam"], r["batch_size"]): r for r in results[0]["runs"]}
     for result in results:
-        engine = result["engine"] + (f" {result['quantization']}" if result["engine"] == "ctranslate2" else "")
+        engine = f"{result['engine']} {result['precision']}"
         for run in result["runs"]:
             base = first[(run["beam"], run["batch_size"])]
             latency = (f"{run['latency_mean_ms']:.1f} / {run['latency_p95_ms']:.1f} ms"

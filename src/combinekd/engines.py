@@ -42,16 +42,25 @@ def _size_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+# precisions for decoding with transformers (--dtype); CTranslate2 models keep their export's
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class HFTranslator:
-    """transformers' ``generate`` on a Hugging Face model dir."""
+    """transformers' ``generate`` on a Hugging Face model dir, on the GPU when there is one, with the
+    weights in ``dtype`` (bfloat16: about 1.6-1.8x faster than float32 on CPUs with AMX, and on GPUs)."""
 
     engine = "transformers"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, dtype: str = "float32"):
+        import torch
+
         from combinekd.models import count_parameters, input_limit, load_model_dir
 
         self.path = Path(path)
+        self.precision = dtype
         self.model, self.tokenizer = load_model_dir(path)
+        self.model.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, dtype))
         self.params = count_parameters(self.model)
         self.max_positions = input_limit(self.model, self.tokenizer)  # None: no limit (T5)
         self.size = _size_on_disk(self.path / "model.safetensors") if (self.path / "model.safetensors").is_file() \
@@ -104,6 +113,7 @@ class CT2Translator:
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"cannot load the CTranslate2 model in {self.path}: {str(exc).splitlines()[0]}") from None
         self.params = int(self.info.get("params") or 0)
+        self.precision = self.info.get("quantization", "float32")
         self.max_positions = self.info.get("max_positions")
         self.size = _size_on_disk(self.path / "model.bin")
         # Marian's converter drops <pad> from the vocabulary; Pegasus keeps it, and HF generate bans it
@@ -141,7 +151,13 @@ class CT2Translator:
         return hyps
 
 
-def load_translator(path: str | Path):
-    """The engine for ``path``: :class:`CT2Translator` for a CTranslate2 dir, else :class:`HFTranslator`."""
+def load_translator(path: str | Path, dtype: str = "float32"):
+    """The engine for ``path``: :class:`CT2Translator` for a CTranslate2 dir, else :class:`HFTranslator`
+    with its weights in ``dtype`` (a CTranslate2 model's precision was fixed by its export)."""
     check_translator_dir(path)
-    return CT2Translator(path) if is_ct2_dir(path) else HFTranslator(path)
+    if not is_ct2_dir(path):
+        return HFTranslator(path, dtype)
+    if dtype != "float32":
+        raise UserError(f"{path} is a CTranslate2 model: its precision was chosen when it was exported "
+                        "(`combinekd export --quantization`), not with --dtype")
+    return CT2Translator(path)

@@ -146,12 +146,12 @@ def paired_bootstrap(systems: dict[str, Sequence[str]], refs: Sequence[Sequence[
 
 def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", beam: int = 5,
             extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None,
-            force: bool = False) -> list[dict]:
+            force: bool = False, dtype: str = "float32") -> list[dict]:
     """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
     meta = read_meta(data_dir)
     for model_dir in model_dirs:  # every model, before the first one decodes
         check_before_decoding(model_dir, data_dir, meta, hypotheses_path(model_dir, split, meta), force)
-    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force)
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force, dtype=dtype)
                for m in model_dirs]
     refs = [split_text(data_dir, split)[1][:limit]] + [read_lines(p)[:limit] for p in extra_refs]
     systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
@@ -186,9 +186,10 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", beam: int = 5,
              extra_refs: Sequence[str | Path] = (), batch_size: int = 32, out: str | Path | None = None,
-             limit: int | None = None, force: bool = False) -> dict:
-    """Translate a prepared split (or its first ``limit`` sentences) with the model in model_dir, score it,
-    write the hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
+             limit: int | None = None, force: bool = False, dtype: str = "float32") -> dict:
+    """Translate a prepared split (or its first ``limit`` sentences) with the model in model_dir (a
+    Hugging Face model with its weights in ``dtype``, or a CTranslate2 export), score it, write the
+    hypotheses (to ``out``, default MODEL_DIR/SPLIT.hyp.TGT; checked before decoding).
 
     A model that records other languages than the data's is refused unless ``force``."""
     from combinekd.engines import load_translator
@@ -206,7 +207,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     sources, refs = sources[:limit], [r[:limit] for r in refs]
     out_path = hypotheses_path(model_dir, split, meta, out)
     check_before_decoding(model_dir, data_dir, meta, out_path, force)
-    engine = load_translator(model_dir)  # a Hugging Face model dir or a CTranslate2 export
+    engine = load_translator(model_dir, dtype)  # a Hugging Face model dir or a CTranslate2 export
     if cut := engine.too_long(sources):
         warn(f"{len(cut)} of the {len(sources)} {split} sentences are longer than the {engine.max_positions} "
              f"tokens {model_dir} reads: their ends are not translated")
@@ -216,5 +217,5 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     with atomic_file(out_path) as staged:
         staged.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
-            "params": engine.params, "engine": engine.engine, "beam": beam, "split": split, "hypotheses": str(out_path),
+            "params": engine.params, "engine": engine.engine, "precision": engine.precision, "beam": beam, "split": split, "hypotheses": str(out_path),
             "decode_seconds": round(seconds, 2), "sentences_per_s": round(len(sources) / seconds, 2)}
