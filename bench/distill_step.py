@@ -3,6 +3,7 @@
     ratio = time(Objective step) / (time(student train step) + time(teacher forward))
 
     python bench/distill_step.py --data DATADIR [--sizes cpu paper] [--steps 8] [--rounds 1] [--device cuda]
+                                 [--set distill.w_layer=0 ...]
 
 "cpu" is configs/teacher-cpu.yaml -> configs/student-cpu.yaml, "paper" is configs/teacher-6x6.yaml ->
 configs/student-2x2.yaml (random weights: speed does not depend on them). The KD step runs the
@@ -65,7 +66,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | None, device: str = "cpu") -> None:
+def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | None, device: str = "cpu",
+            overrides: list[str] | None = None) -> None:
     teacher_yaml, student_yaml = SIZES[size]
     tokenizer = load_tokenizer(data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +76,7 @@ def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | Non
         sets = [f"data_dir={data}", f"output_dir={tmp}/s", f"distill.teacher={tmp}/teacher"]
         if max_tokens:
             sets.append(f"train.max_tokens={max_tokens}")
-        cfg = load_config(student_yaml, sets)
+        cfg = load_config(student_yaml, sets + list(overrides or []))
         split = load_split(data, "train", cfg.model.max_length)
         order = token_batches([len(s) for s in split.src], [len(t) for t in split.tgt], cfg.train.max_tokens, seed=0)
         batches = [{k: v.to(device) for k, v in collate(split, idx, tokenizer.pad_token_id).items()}
@@ -100,7 +102,8 @@ def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | Non
         print(f"[{size}] teacher {t_cfg.model.encoder_layers}+{t_cfg.model.decoder_layers} d{t_cfg.model.d_model} -> "
               f"student {cfg.model.encoder_layers}+{cfg.model.decoder_layers} d{cfg.model.d_model}, "
               f"max_tokens {cfg.train.max_tokens}, " + (f"threads {torch.get_num_threads()}" if device == "cpu"
-                                                      else torch.cuda.get_device_name()))
+                                                      else torch.cuda.get_device_name())
+              + "".join(f", {kv}" for kv in overrides or []))
         print(f"  student step {student_s:.3f}s + teacher forward {teacher_s:.3f}s = {student_s + teacher_s:.3f}s; "
               f"distillation step {kd_s:.3f}s; ratio {kd_s / (student_s + teacher_s):.3f}")
 
@@ -113,9 +116,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="passes over the timed batches")
     parser.add_argument("--max-tokens", type=int, default=None, help="override the configs' batch size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the student's config (e.g. distill.w_layer=0: word KD alone)")
     args = parser.parse_args()
     for size in args.sizes:
-        measure(size, args.data, args.steps, args.rounds, args.max_tokens, args.device)
+        measure(size, args.data, args.steps, args.rounds, args.max_tokens, args.device, args.set)
 
 
 if __name__ == "__main__":
