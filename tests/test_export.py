@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from combinekd.cli import main
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +175,56 @@ def test_model_cards_name_the_right_scores(trained_model, exports):
     for tag in ("- translation", "- combinekd", "- knowledge-distillation", "- bleu", "- chrf"):
         assert tag in card
     assert f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |" in card
-    assert "sacreBLEU signature: `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in card
+    assert "BLEU signature: `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in card
     assert f"best dev BLEU at update {summary['best_step']}" in card and "nrefs:1" in card
     assert "label-smoothed cross-entropy" in card
     export_card = (exports["int8"] / "README.md").read_text()
     assert "CTranslate2 export (int8)" in export_card and "\n# int8\n" in export_card
     assert f"{summary['best_dev_bleu']:.2f}" in export_card
+
+
+def test_evaluate_records_test_scores_in_the_model_card(trained_model, exports, data_dir, tmp_path, capsys):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model[0], model_dir, ignore=shutil.ignore_patterns("checkpoints", "tensorboard",
+                                                                               "scores.json"))
+    export = tmp_path / "int8"
+    shutil.copytree(exports["int8"], export)
+    teacher_like = tmp_path / "not-ours"  # a downloaded model: no train_summary.json, its own README
+    shutil.copytree(trained_model[0], teacher_like, ignore=shutil.ignore_patterns("checkpoints", "tensorboard",
+                                                                                 "train_summary.json", "scores.json"))
+    (teacher_like / "README.md").write_text("their card\n")
+    results = {}
+    for path, beam in ((model_dir, 2), (model_dir, 1), (model_dir, 2), (export, 2), (teacher_like, 2)):
+        assert main(["evaluate", str(path), "--data", str(data_dir), "--beam", str(beam), "--limit", "30",
+                     "--out", str(tmp_path / "hyp"), "--json"]) == 0
+        results[path, beam] = json.loads(capsys.readouterr().out)
+    card = (model_dir / "README.md").read_text()
+    for beam in (2, 1):
+        r = results[model_dir, beam]
+        row = f"| test (`{data_dir}`, 30 sentences, beam {beam}, float32) | {r['bleu']:.2f} | {r['chrf']:.2f} |"
+        assert card.count(row) == 1, card  # evaluated twice at beam 2: one row
+    assert f"chrF signature: `{results[model_dir, 2]['chrf_signature']}`" in card
+    assert "| dev (best, during training) |" in card and "label-smoothed cross-entropy" in card
+    r = results[export, 2]
+    export_card = (export / "README.md").read_text()
+    assert f"| test (`{data_dir}`, 30 sentences, beam 2, int8) | {r['bleu']:.2f} | {r['chrf']:.2f} |" in export_card
+    assert "CTranslate2 export (int8)" in export_card
+    assert (teacher_like / "README.md").read_text() == "their card\n" and not (teacher_like / "scores.json").exists()
+
+
+def test_a_new_best_model_drops_the_scores_of_the_one_it_replaces(data_dir, tmp_path, capsys):
+    from combinekd.trainer import train
+
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, **{"train.max_steps": 20, "train.eval_every": 20}))
+    assert main(["evaluate", str(out), "--data", str(data_dir), "--beam", "1", "--limit", "10"]) == 0
+    assert (out / "scores.json").is_file() and "| test (" in (out / "README.md").read_text()
+    train(tiny_config(data_dir, out, **{"train.max_steps": 200, "train.eval_every": 20}), resume=True)
+    best = json.loads((out / "train_summary.json").read_text())["best_step"]
+    assert best > 20, best  # a better model replaced the evaluated one
+    assert not (out / "scores.json").exists() and "| test (" not in (out / "README.md").read_text()
 
 
 def test_a_students_card_names_teacher_weights_and_layer_mapping(tmp_path):

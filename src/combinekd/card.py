@@ -65,8 +65,9 @@ def _objective(model_dir: Path) -> list[str]:
     return lines
 
 
-def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
-    """``(markdown lines, languages)`` about how the model in ``model_dir`` was trained."""
+def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> tuple[list[str], list[str]]:
+    """``(markdown lines, languages)`` about how the model in ``model_dir`` was trained, and its scores:
+    the best dev BLEU of training and the ``evaluations`` that ``combinekd evaluate`` recorded."""
     import yaml
 
     try:
@@ -78,7 +79,7 @@ def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
     meta = _read_json(Path(data) / "meta.json") if data else {}
     languages = [meta.get("src_lang"), meta.get("tgt_lang")]
     if not cfg and not summary:
-        return [], languages
+        return _scores_section(None, cfg, evaluations), languages
     lines = ["## Training", ""]
     distill = cfg.get("distill")
     if distill:
@@ -100,26 +101,70 @@ def training_section(model_dir: Path) -> tuple[list[str], list[str]]:
                   f"{', stopped early' if summary.get('stopped_early') else ''}); "
                   f"{summary.get('train_seconds')} s of training"]
     lines += ["- Full configuration: `train_config.yaml`; training log: `train_log.jsonl`", ""]
-    if summary.get("best_dev_bleu") is not None:
-        from combinekd.evaluate import corpus_scores
+    lines += _scores_section(summary.get("best_dev_bleu"), cfg, evaluations)
+    return lines, languages
 
-        signature = corpus_scores(["x"], [["x"]])["signature"]  # the signature validation's BLEU has
+
+def _scores_section(best_dev: float | None, cfg: dict, evaluations: list[dict] | None) -> list[str]:
+    """The scores table: the best dev BLEU of training (beam ``train.eval_beam``) and one row per
+    recorded evaluation (split, data, sentences, beam, precision), with the sacreBLEU signatures."""
+    from combinekd.evaluate import corpus_scores
+
+    evaluations = evaluations or []
+    if best_dev is None and not evaluations:
+        return []
+    signatures = corpus_scores(["x"], [["x"]])  # the signatures validation's scores have
+    rows = ["## Scores", "", "| split | BLEU | chrF |", "|---|---:|---:|"]
+    if best_dev is not None:
+        rows.append(f"| dev (best, during training) | {best_dev:.2f} | - |")
+    for e in evaluations:
+        rows.append(f"| {e['split']} (`{e['data']}`, {e['n_sentences']:,} sentences, beam {e['beam']}, "
+                    f"{e['precision']}) | {e['bleu']:.2f} | {e['chrf']:.2f} |")
+    bleu = evaluations[-1]["signature"] if evaluations else signatures["signature"]
+    rows += ["", f"BLEU signature: `{bleu}`"]
+    if evaluations:
+        rows.append(f"chrF signature: `{evaluations[-1]['chrf_signature']}`")
+    rows.append("")
+    if best_dev is not None:
         train = cfg.get("train") or {}
         beam, cap = train.get("eval_beam"), train.get("eval_max_sentences")
-        lines += ["## Scores", "", "| split | BLEU |", "|---|---:|",
-                  f"| dev (best, during training) | {summary['best_dev_bleu']:.2f} |", "",
-                  f"sacreBLEU signature: `{signature}`", "",
-                  f"Dev BLEU: validation during training (beam {beam}"
-                  f"{f', first {cap} sentences' if cap else ''}). For test BLEU and chrF with their signatures "
-                  "run `combinekd evaluate MODEL_DIR --data DATADIR`.", ""]
-    return lines, languages
+        rows.append(f"Dev BLEU: validation during training (beam {beam}{f', first {cap} sentences' if cap else ''}).")
+    rows += ["The other rows are recorded by `combinekd evaluate MODEL_DIR --data DATADIR` (run it for test scores).",
+             ""]
+    return rows
+
+
+SCORES_FILE = "scores.json"
+
+
+def record_evaluation(model_dir: str | Path, result: dict, data_dir: str | Path) -> bool:
+    """Add an evaluation's scores to the model card of a dir that combinekd wrote (a ``train`` output or
+    an ``export``), replacing an earlier evaluation of the same split, data, length, beam and precision;
+    kept in ``MODEL_DIR/scores.json``. Any other model dir (e.g. a downloaded teacher) is left as it is:
+    returns False."""
+    model_dir = Path(model_dir)
+    export_info = _read_json(model_dir / "combinekd_export.json")
+    if not export_info and not (model_dir / "train_summary.json").is_file():
+        return False
+    keys = ("split", "n_sentences", "beam", "precision")
+    entry = {"data": str(data_dir), **{k: result[k] for k in keys},
+             **{k: result[k] for k in ("bleu", "chrf", "signature", "chrf_signature")}}
+    scores = _read_json(model_dir / SCORES_FILE).get("evaluations", [])
+    scores = [e for e in scores if any(e.get(k) != entry[k] for k in ("data", *keys))] + [entry]
+    with atomic_file(model_dir / SCORES_FILE) as staged:
+        staged.write_text(json.dumps({"evaluations": scores}, indent=1) + "\n", encoding="utf-8")
+    if export_info:
+        write_export_card(model_dir, export_info["source_model"], export_info, name=model_dir.name)
+    else:
+        write_train_card(model_dir)
+    return True
 
 
 def write_train_card(model_dir: str | Path) -> Path:
     """Write ``model_dir/README.md`` for the best model a ``train`` run saved there."""
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
-    training, languages = training_section(model_dir)
+    training, languages = training_section(model_dir, _read_json(model_dir / SCORES_FILE).get("evaluations"))
     params = _params(model_dir)
     lines = [_header(languages), f"# {model_dir.name}", "",
              f"A {languages[0]}->{languages[1]} translation model trained with combinekd.", "",
@@ -138,7 +183,7 @@ def write_export_card(out: str | Path, source: str | Path, info: dict, name: str
     ``out`` may be a staging dir)."""
     out, source = Path(out), Path(source)
     config = _read_json(source / "config.json")
-    training, languages = training_section(source)
+    training, languages = training_section(source, _read_json(out / SCORES_FILE).get("evaluations"))
     languages = [info.get("source_lang") or languages[0], info.get("target_lang") or languages[1]]
     size = (out / "model.bin").stat().st_size if (out / "model.bin").is_file() else 0
     lines = [_header(languages), f"# {name or out.name}", "",

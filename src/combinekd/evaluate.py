@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from combinekd.card import record_evaluation
 from combinekd.data import check_writable, read_lines, read_meta, split_text
 from combinekd.errors import UserError, warn
 from combinekd.files import atomic_file
@@ -216,6 +217,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", b
     seconds = time.perf_counter() - start
     with atomic_file(out_path) as staged:
         staged.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    return {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
-            "params": engine.params, "engine": engine.engine, "precision": engine.precision, "beam": beam, "split": split, "hypotheses": str(out_path),
-            "decode_seconds": round(seconds, 2), "sentences_per_s": round(len(sources) / seconds, 2)}
+    result = {**corpus_scores(hyps, refs), "n_sentences": len(sources), "n_refs": len(refs),
+              "params": engine.params, "engine": engine.engine, "precision": engine.precision, "beam": beam,
+              "split": split, "hypotheses": str(out_path), "decode_seconds": round(seconds, 2),
+              "sentences_per_s": round(len(sources) / seconds, 2)}
+    if len(refs) == 1:  # the card's scores are single-reference, like its dev BLEU
+        try:
+            record_evaluation(model_dir, result, data_dir)
+        except OSError as exc:
+            warn(f"the scores were not added to {model_dir}'s model card: {exc.strerror or exc}")
+    return result

@@ -26,7 +26,7 @@ from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
 from combinekd.errors import UserError
-from combinekd.card import write_train_card
+from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
 
 
@@ -523,6 +523,7 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
             state.best_bleu, state.best_step, state.bad_evals = scores["dev_bleu"], state.step, 0
             saving = time.perf_counter()
             save_model_dir(student, tokenizer, out)
+            (out / SCORES_FILE).unlink(missing_ok=True)  # evaluations of the model this one replaces
             state.saving_seconds += time.perf_counter() - saving
         else:
             state.bad_evals += 1
