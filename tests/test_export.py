@@ -115,12 +115,13 @@ def test_hf_models_decode_in_bfloat16_and_ct2_models_refuse_a_dtype(exports, tra
 
 def test_compare_accepts_hf_and_ct2_dirs_together(exports, trained_model, data_dir, capsys):
     assert main(["compare", str(trained_model[0]), str(exports["int8"]), "--data", str(data_dir),
-                 "--beam", "1", "--limit", "20", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["engine"] for r in rows] == ["transformers", "ctranslate2"]
+                 "--beam", "1", "--limit", "20", "--dtype", "bfloat16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # --dtype: the Hugging Face model's precision only
+    assert [(r["engine"], r["precision"]) for r in rows] == [("transformers", "bfloat16"), ("ctranslate2", "int8")]
     from combinekd.evaluate import markdown_table
 
-    assert "(CTranslate2)" in markdown_table(rows)
+    table = markdown_table(rows)
+    assert f"| {trained_model[0]} (bfloat16) |" in table and "(CTranslate2 int8)" in table
 
 
 def error_line(capsys) -> str:

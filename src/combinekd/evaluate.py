@@ -148,12 +148,15 @@ def paired_bootstrap(systems: dict[str, Sequence[str]], refs: Sequence[Sequence[
 def compare(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", beam: int = 5,
             extra_refs: Sequence[str | Path] = (), batch_size: int = 32, limit: int | None = None,
             force: bool = False, dtype: str = "float32") -> list[dict]:
-    """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap)."""
+    """Evaluate several models on one split; BLEU significance of each against the first (paired bootstrap).
+    ``dtype``: the precision of the Hugging Face models (CTranslate2 models keep their export's)."""
+    from combinekd.engines import is_ct2_dir
+
     meta = read_meta(data_dir)
     for model_dir in model_dirs:  # every model, before the first one decodes
         check_before_decoding(model_dir, data_dir, meta, hypotheses_path(model_dir, split, meta), force)
-    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force, dtype=dtype)
-               for m in model_dirs]
+    results = [evaluate(m, data_dir, split, beam, extra_refs, batch_size, limit=limit, force=force,
+                        dtype="float32" if is_ct2_dir(m) else dtype) for m in model_dirs]
     refs = [split_text(data_dir, split)[1][:limit]] + [read_lines(p)[:limit] for p in extra_refs]
     systems = {f"#{i}": read_lines(r["hypotheses"]) for i, r in enumerate(results)}
     significance = paired_bootstrap(systems, refs) if len(systems) > 1 else {}
@@ -175,7 +178,9 @@ def markdown_table(results: Sequence[dict]) -> str:
         boot = r.get("bootstrap", {})
         ci = f" ± {boot['ci']:.2f}" if boot.get("ci") is not None else ""
         p = f"{boot['p_value']:.4f}" if boot.get("p_value") is not None else "-"
-        name = f"{r['model']} (CTranslate2)" if r.get("engine") == "ctranslate2" else r["model"]
+        precision = r.get("precision", "float32")
+        name = (f"{r['model']} (CTranslate2 {precision})" if r.get("engine") == "ctranslate2"
+                else r["model"] + (f" ({precision})" if precision != "float32" else ""))
         rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['bleu']:.2f}{ci} | {r['chrf']:.2f} | {p} | "
                     f"{r['sentences_per_s']:.1f} | {r['sentences_per_s'] / results[0]['sentences_per_s']:.2f}x |")
     first = results[0]
