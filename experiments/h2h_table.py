@@ -31,12 +31,12 @@ def main() -> None:
     refs = [split_text(args.data, args.split)[1]]
     hyps = {label: read_lines(path) for label, path in systems.items()}
     rows = {label: corpus_scores(h, refs) for label, h in hyps.items()}
-    for base in [next(iter(hyps)), *args.versus]:
+    bases = [next(iter(hyps)), *args.versus]
+    for base in bases:
         ordered = {base: hyps[base], **{k: v for k, v in hyps.items() if k != base}}
         for label, result in paired_bootstrap(ordered, refs).items():
             rows[label][f"p_vs_{base}"] = result["p_value"]
             rows[label].setdefault("ci95", result["ci"])  # from the bootstrap against the first
-    bases = [next(iter(hyps)), *args.versus]
     lines = ["| model | test BLEU | 95% CI | chrF | " + " | ".join(f"p vs {b}" for b in bases) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(bases)]
     for label, r in rows.items():

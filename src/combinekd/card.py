@@ -113,14 +113,14 @@ def _scores_section(best_dev: float | None, cfg: dict, evaluations: list[dict] |
     evaluations = evaluations or []
     if best_dev is None and not evaluations:
         return []
-    signatures = corpus_scores(["x"], [["x"]])  # the signatures validation's scores have
     rows = ["## Scores", "", "| split | BLEU | chrF |", "|---|---:|---:|"]
     if best_dev is not None:
         rows.append(f"| dev (best, during training) | {best_dev:.2f} | - |")
     for e in evaluations:
         rows.append(f"| {e['split']} (`{e['data']}`, {e['n_sentences']:,} sentences, beam {e['beam']}, "
                     f"{e['precision']}) | {e['bleu']:.2f} | {e['chrf']:.2f} |")
-    bleu = evaluations[-1]["signature"] if evaluations else signatures["signature"]
+    # without evaluations: the signature validation's BLEU has
+    bleu = evaluations[-1]["signature"] if evaluations else corpus_scores(["x"], [["x"]])["signature"]
     rows += ["", f"BLEU signature: `{bleu}`"]
     if evaluations:
         rows.append(f"chrF signature: `{evaluations[-1]['chrf_signature']}`")
