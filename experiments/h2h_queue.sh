@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
-# its benchmark (issue 9: 2.5x the teacher at beam 5?); a 2+2 d192 no-KD student (is the teacher >= 2
-# BLEU above a narrower student?); the d192 word-KD and PKD students and the d192 table
-# (experiments/head_to_head.sh with SET); KD weightings at d192, 1,500 updates each
-# (experiments/kd_weights.sh); then the d256 word-KD and PKD students. Every step is skipped
-# when done and resumed when interrupted, so after a session ends simply run it again:
+# its benchmark (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD students (issue 6: is it
+# the combination that helps?); a 2+2 d192 no-KD student and the d192 word-KD and PKD students with the
+# d192 table (experiments/head_to_head.sh with SET); KD weightings at d192, 1,500 updates each
+# (experiments/kd_weights.sh). Every step is skipped when done and resumed when interrupted, so after a
+# session ends simply run it again (it first waits for a training left running by an earlier driver):
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
 #
@@ -21,7 +21,7 @@ export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/pyt
 ckd=$CKD
 cd "$code"
 mkdir -p "$runs"; [ -e "$runs/data" ] || ln -s "$h/data" "$runs/data"; [ -e "$runs/teacher" ] || ln -s "$h/teacher" "$runs/teacher"
-while pgrep -f "output_dir=$h/student-ckd" > /dev/null; do sleep 30; done  # a CKD run started elsewhere
+while pgrep -f "combinekd train" > /dev/null; do sleep 30; done  # a run left by an earlier driver
 train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interrupted
   local r=$1 name=$2; shift 2
   [ -f "$r/$name/train_summary.json" ] && return 0
@@ -46,10 +46,10 @@ train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit
 deploy "$h"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
 deploy "$runs"
+train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
 # KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
 NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
     bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
-train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
