@@ -52,8 +52,9 @@ class SharedSourceCache(EncoderDecoderCache):
     ``generate`` reorders each layer's cached keys and values by the beams that survive; those indices
     stay within each sentence's beams, and all beams of a sentence attend over the same source, so the
     cross-attention rows of one sentence are equal and reordering them changes nothing. Only the
-    self-attention cache is reordered. Same output (every token of 128 pt-en test sentences); beam 5,
-    batch 32, 2 CPU threads: 2+2 d256 21.3-23.5 -> 25.0-26.1 sentences/s, 6+6 d256 9.3-9.8 -> 10.7-11.1."""
+    self-attention cache is reordered. Same output (every token of 400 pt-en test sentences); beam 5,
+    batch 32, 2 CPU threads: 2+2 d256 25.9-26.1 -> 29.1-29.7 sentences/s, 6+6 d256 12.2-14.2 -> 14.7
+    (results/speed-2026-11-28f.md)."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)
