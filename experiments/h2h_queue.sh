@@ -32,7 +32,10 @@ train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interr
 }
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1
-  [ -f "$r/student-ckd/test.json" ] || "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json > "$r/student-ckd/test.json"
+  if [ ! -f "$r/student-ckd/test.json" ]; then  # scores, and the hypotheses for paired bootstrap
+    "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json --out "$r/student-ckd/test.hyp.en" \
+        > "$r/student-ckd/test.json.part" && mv "$r/student-ckd/test.json.part" "$r/student-ckd/test.json"
+  fi
   for q in float32 int8; do
     [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
