@@ -340,8 +340,12 @@ def test_prepare_refuses_to_replace_a_foreign_directory(corpus, tmp_path):
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
-def test_sequence_kd_resumes_after_a_cut_line(trained_model, data_dir, tmp_path):
+def test_sequence_kd_resumes_after_a_cut_line(trained_model, data_dir, tmp_path, monkeypatch):
+    from combinekd.data import split_text
+    from combinekd.engines import HFTranslator
     from combinekd.seqkd import distill_data
+
+    original, sources = HFTranslator.translate, split_text(data_dir, "train")[0]
 
     teacher, _ = trained_model
     out = tmp_path / "seqkd"
@@ -349,11 +353,15 @@ def test_sequence_kd_resumes_after_a_cut_line(trained_model, data_dir, tmp_path)
     expected = (out / "train.tgt").read_text().splitlines()
     # simulate an interruption: a finished chunk plus half a line, with the job file in place
     partial, job = tmp_path / ".again.partial.tgt", tmp_path / ".again.partial.json"
-    settings = {"teacher": str(teacher.resolve()), "data": str(data_dir.resolve()), "beam": 1,
+    settings = {"teacher": str(teacher.resolve()), "data": str(data_dir.resolve()), "beam": 1, "precision": "float32",
                 "train_bytes": (data_dir / "train.src").stat().st_size}
     job.write_text(json.dumps(settings))
     partial.write_text("\n".join(expected[:512]) + "\n" + expected[512][:3])
+    translated = []
+    monkeypatch.setattr(HFTranslator, "translate", lambda self, sentences, **kw: (
+        translated.extend(sentences), original(self, sentences, **kw))[1])
     again = distill_data(teacher, data_dir, tmp_path / "again", beam=1)
+    assert translated == sources[512:]  # only what the partial file did not hold
     assert again["pairs"] == full["pairs"]
     assert (tmp_path / "again" / "train.tgt").read_text().splitlines() == expected
 

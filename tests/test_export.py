@@ -320,3 +320,22 @@ def test_both_architectures_convert_to_the_same_greedy_tokens(arch, data_dir, tm
         result = ct2.translator.translate_batch([tokenizer.convert_ids_to_tokens(enc["input_ids"][0])],
                                                 beam_size=1, max_decoding_length=11)
         assert result[0].hypotheses[0] == hf_tokens, (arch, sentence)
+
+
+def test_sequence_kd_data_from_a_ct2_teacher(exports, trained_model, data_dir, tmp_path, capsys):
+    """distill-data decodes through the engines: a CTranslate2 export of the teacher gives its greedy targets
+    (CT2 float32 greedy equals transformers' greedy, above), and its record names the engine."""
+    from combinekd.data import read_meta
+
+    targets = {}
+    for name, teacher in (("transformers", trained_model[0]), ("ctranslate2", exports["float32"])):
+        out = tmp_path / name
+        assert main(["distill-data", str(teacher), "--data", str(data_dir), "--out", str(out), "--beam", "1"]) == 0
+        assert read_meta(out)["seqkd"]["engine"] == name and read_meta(out)["seqkd"]["precision"] == "float32"
+        targets[name] = (out / "train.tgt").read_text().splitlines()
+    same = sum(a == b for a, b in zip(targets["transformers"], targets["ctranslate2"]))
+    assert len(targets["ctranslate2"]) == len(targets["transformers"]) and same >= 0.98 * len(targets["transformers"])
+    capsys.readouterr()
+    assert main(["distill-data", str(exports["int8"]), "--data", str(data_dir), "--out", str(tmp_path / "bf16"),
+                 "--dtype", "bfloat16"]) == 2
+    assert "chosen when it was exported" in capsys.readouterr().err and not (tmp_path / "bf16").exists()

@@ -41,8 +41,9 @@ def no_decoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("decoded before checking the output path")
 
-    for module in ("combinekd.evaluate", "combinekd.seqkd"):
-        monkeypatch.setattr(f"{module}.translate", refuse)
+    monkeypatch.setattr("combinekd.evaluate.translate", refuse)
+    for engine in ("HFTranslator", "CT2Translator"):
+        monkeypatch.setattr(f"combinekd.engines.{engine}.translate", refuse)
 
 
 def one_line_error(capsys) -> str:

@@ -166,7 +166,7 @@ def _cmd_distill_data(args: argparse.Namespace) -> int:
     from combinekd.seqkd import distill_data
 
     info = distill_data(args.teacher_dir, args.data, args.out, beam=args.beam, batch_size=args.batch_size,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {args.out}: {info['pairs']} training pairs with teacher targets")
     return 0
 
@@ -319,12 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = command(sub, "distill-data", "sequence-level KD: replace training targets by teacher translations",
                 _cmd_distill_data)
-    d.add_argument("teacher_dir", help="the teacher's Hugging Face model dir")
+    d.add_argument("teacher_dir", help="the teacher's Hugging Face model dir, or its `combinekd export` dir")
     d.add_argument("--data", required=True, help="a DATADIR made by `combinekd prepare` with the teacher's tokenizer")
     d.add_argument("--out", required=True, help="the new DATADIR (checked before translating)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR at --out")
     d.add_argument("--beam", type=_positive, default=5, help="beam size")
     d.add_argument("--batch-size", type=_positive, default=64, help="sentences per decoding batch")
+    precision(d, "the teacher's")
     return parser
 
 
