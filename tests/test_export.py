@@ -275,6 +275,34 @@ def test_benchmark_measures_hf_and_ct2_models(exports, trained_model, data_dir, 
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".md").is_file()
 
 
+def test_benchmark_rounds_alternate_the_models_and_report_medians(exports, data_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["benchmark", str(exports["int8"]), str(exports["float32"]), "--data", str(data_dir), "--limit", "4",
+                 "--threads", "1", "--rounds", "3", "--out", str(out)]) == 0
+    assert "medians of 3 rounds" in capsys.readouterr().out
+    for result in json.loads(out.with_suffix(".json").read_text()):
+        assert result["rounds"] == 3
+        for run in result["runs"]:
+            assert len(run["sentences_per_s_rounds"]) == 3
+            assert run["sentences_per_s"] == round(sorted(run["sentences_per_s_rounds"])[1], 2)
+
+
+def test_combine_rounds_takes_medians_and_the_highest_memory():
+    from combinekd.benchmark import combine_rounds
+
+    def result(rss, speeds, p95):
+        return {"model": "m", "peak_rss_mb": rss, "runs": [
+            {"beam": 5, "batch_size": 1, "bleu": 30.0, "seconds": 10 / s, "sentences_per_s": s,
+             "target_tokens_per_s": 20 * s, "latency_mean_ms": p95 / 2, "latency_p95_ms": p95} for s in speeds]}
+
+    combined = combine_rounds([result(100, [2.0], 50), result(300, [4.0], 10), result(200, [1.0], 30)])
+    assert combined["rounds"] == 3 and combined["peak_rss_mb"] == 300
+    run = combined["runs"][0]
+    assert (run["sentences_per_s"], run["target_tokens_per_s"], run["latency_p95_ms"], run["seconds"]) == (2.0, 40.0, 30, 5.0)
+    assert run["sentences_per_s_rounds"] == [2.0, 4.0, 1.0] and run["bleu"] == 30.0
+    assert combine_rounds([result(100, [2.0], 50)]) == result(100, [2.0], 50)  # one round: as measured
+
+
 def test_benchmark_checks_every_model_first(trained_model, data_dir, tmp_path, capsys):
     assert main(["benchmark", str(trained_model[0]), str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
     assert "no model found" in error_line(capsys)

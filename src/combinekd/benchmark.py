@@ -1,6 +1,8 @@
 """``combinekd benchmark``: decoding speed, latency, memory, size and BLEU of HF and CTranslate2 models
 on one prepared split, every engine with the same thread count. Each model is measured in its own
-process, so its peak resident memory is its own."""
+process, so its peak resident memory is its own. On a machine whose speed drifts (a shared or
+thermally limited one: 10-15% within minutes on the 2-core machines this was developed on), ``rounds``
+measures every model several times in alternation and reports each figure's median."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import multiprocessing
 import os
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -77,9 +80,10 @@ def _measure(model_dir: str, data_dir: str, split: str, threads: int, limit: int
 
 
 def benchmark(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str = "test", threads: int | None = None,
-              limit: int | None = None, dtype: str = "float32") -> list[dict]:
+              limit: int | None = None, dtype: str = "float32", rounds: int = 1) -> list[dict]:
     """Measure every model (checked first, before any decoding); the Hugging Face ones with their weights
-    in ``dtype`` (CTranslate2 models keep their export's precision)."""
+    in ``dtype`` (CTranslate2 models keep their export's precision); ``rounds`` times, the models in
+    turn in each round (see :func:`combine_rounds`)."""
     from combinekd.data import read_meta
     from combinekd.engines import check_translator_dir
 
@@ -90,11 +94,28 @@ def benchmark(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str
         check_translator_dir(model_dir)
     threads = threads or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")
-    results = []
-    for model_dir in model_dirs:
-        with context.Pool(1) as pool:
-            results.append(pool.apply(_measure, (str(model_dir), str(data_dir), split, threads, limit, dtype)))
-    return results
+    measured: list[list[dict]] = [[] for _ in model_dirs]
+    for _ in range(rounds):
+        for i, model_dir in enumerate(model_dirs):
+            with context.Pool(1) as pool:
+                measured[i].append(pool.apply(_measure, (str(model_dir), str(data_dir), split, threads, limit, dtype)))
+    return [combine_rounds(m) for m in measured]
+
+
+def combine_rounds(measured: Sequence[dict]) -> dict:
+    """One model's rounds as one result: per setting the median of each speed and latency figure (the
+    sentences/s of every round kept in ``sentences_per_s_rounds``), the highest peak memory; the rest
+    (BLEU included: the same hypotheses every round) from the first round."""
+    if len(measured) == 1:
+        return measured[0]
+    result = {**measured[0], "rounds": len(measured), "peak_rss_mb": max(m["peak_rss_mb"] for m in measured)}
+    result["runs"] = []
+    for i, run in enumerate(measured[0]["runs"]):
+        same = [m["runs"][i] for m in measured]
+        medians = {key: round(statistics.median(r[key] for r in same), 2) for key in
+                   ("seconds", "sentences_per_s", "target_tokens_per_s", "latency_mean_ms", "latency_p95_ms") if key in run}
+        result["runs"].append({**run, **medians, "sentences_per_s_rounds": [r["sentences_per_s"] for r in same]})
+    return result
 
 
 def markdown(results: Sequence[dict]) -> str:
@@ -113,7 +134,8 @@ def markdown(results: Sequence[dict]) -> str:
                         f"{run['batch_size']} | {run['sentences_per_s']:.1f} | {run['target_tokens_per_s']:.0f} | "
                         f"{run['sentences_per_s'] / base['sentences_per_s']:.2f}x | {latency} | {run['bleu']:.2f} |")
     head = results[0]
-    rows.append(f"\n{head['n_sentences']} {head['split']} sentences, {head['threads']} threads for every engine; "
+    rounds = f"; speeds and latencies are medians of {head['rounds']} rounds" if head.get("rounds") else ""
+    rows.append(f"\n{head['n_sentences']} {head['split']} sentences, {head['threads']} threads for every engine{rounds}; "
                 f"BLEU {head['runs'][0]['signature']}")
     return "\n".join(rows)
 

@@ -129,7 +129,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from combinekd.benchmark import benchmark, markdown, write_outputs
 
     results = benchmark(args.model_dirs, args.data, split=args.split, threads=args.threads, limit=args.limit,
-                        dtype=args.dtype)
+                        dtype=args.dtype, rounds=args.rounds)
     print(markdown(results))
     if args.out:
         print("wrote " + ", ".join(str(p) for p in write_outputs(results, args.out)))
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive, default=None, help="CPU threads for every engine (default: all)")
     b.add_argument("--limit", type=_positive, default=None, help="only the split's first N sentences")
     b.add_argument("--out", default=None, help="also write OUT.md, OUT.json and OUT.png (BLEU against speed)")
+    b.add_argument("--rounds", type=_positive, default=1,
+                   help="measure the models N times in turn and report medians (a machine whose speed drifts)")
     precision(b, "the Hugging Face models'")
 
     m = command(sub, "mapping", "print the teacher-layer groups of a strategy", _cmd_mapping)
