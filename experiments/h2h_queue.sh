@@ -11,11 +11,14 @@
 #
 # H2H (default ~/runs/h2h: data, teacher, d256 students), D192 (default ~/runs/h2h-d192, with `data` and
 # `teacher` linked to H2H's), CODE (default: this checkout; the runs of 2026-11-28 used a worktree of
-# commit 2439519 at ~/runs/code, so that editing this checkout does not change a queued run), CORPUS
-# (default ../shared/data/bible/pt-en).
+# commit 2439519 at ~/runs/code, so that editing this checkout does not change a queued run; never move
+# a worktree under a running training: modules it imports later come from the new commit), DEPLOY_CODE
+# (default CODE: the code of the deploy steps, e.g. a newer worktree), ROUNDS (default 3: benchmark
+# rounds), CORPUS (default ../shared/data/bible/pt-en).
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
 code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}; runs=${D192:-$HOME/runs/h2h-d192}
+deploy_code=${DEPLOY_CODE:-$code}; rounds=${ROUNDS:-3}  # the code (and benchmark rounds) of the deploy steps
 corpus=${CORPUS:-$here/../shared/data/bible/pt-en}
 export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/python
 ckd=$CKD
@@ -31,7 +34,7 @@ train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interr
       >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
-  local r=$1
+  local r=$1; local -x PYTHONPATH=$deploy_code/src
   if [ ! -f "$r/student-ckd/test.json" ]; then  # scores, and the hypotheses for paired bootstrap
     "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json --out "$r/student-ckd/test.hyp.en" \
         > "$r/student-ckd/test.json.part" && mv "$r/student-ckd/test.json.part" "$r/student-ckd/test.json"
@@ -40,7 +43,8 @@ deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmar
     [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
   [ -f "$r/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" \
-      "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --out "$r/benchmark-pt-en" > "$r/benchmark.log" 2>&1
+      "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en" \
+      > "$r/benchmark.log" 2>&1
 }
 kd=(--set "distill.teacher=$h/teacher")
 d192=(--set model.d_model=192 --set model.ffn_dim=768)
