@@ -54,7 +54,7 @@ deploy "$h"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
 deploy "$runs"
 # KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
-NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
+NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" REFERENCE="combinekd=$runs/student-ckd" \
     bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1

@@ -8,7 +8,8 @@
 # SET="key=value ...": extra --set for every run (e.g. SET="model.d_model=192 model.ffn_dim=768");
 # NAMES="paper soft-heavy": only those weightings (default: all four). The learning-rate schedule does
 # not depend on train.max_steps, so the first UPDATES updates of a full run with the same config and
-# seed are the same run: a converged `combinekd` student's dev curve can stand in for its row.
+# seed are the same run: a converged `combinekd` student's dev curve can stand in for its row
+# (REFERENCE="combinekd=RUN_DIR"). Writes RUNS/summary.md (dev BLEU at every evaluation, dev loss at the last).
 set -euo pipefail
 teacher=${1:?teacher dir}; data=${2:?data dir}; runs=${3:?runs dir}; updates=${4:-1500}
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +32,28 @@ for name in "${names[@]}"; do
     echo "$name: training ($(date))"
     "$ckd" train "$here/configs/student-cpu.yaml" "${sets[@]}" "${resume[@]}" > "$runs/$name.log" 2>&1
 done
-for name in "${names[@]}"; do
-    printf '%-12s' "$name"; grep -h dev_bleu "$runs/$name/train_log.jsonl" | python3 -c \
-        'import json,sys; print(" ".join(f"{e[\"step\"]}:{e[\"dev_bleu\"]}" for e in map(json.loads, sys.stdin)))'
-done
+# the dev curves, and RUNS/summary.md: REFERENCE="combinekd=RUN_DIR" adds a longer run of the same config
+# and seed cut at UPDATES (e.g. the converged d192 CKD student for the `combinekd` row)
+curves=(); for name in "${names[@]}"; do curves+=("$name=$runs/$name"); done
+[ -n "${REFERENCE:-}" ] && curves=("$REFERENCE" "${curves[@]}")
+python3 - "$runs/summary.md" "$updates" "${curves[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+out, updates, rows = Path(sys.argv[1]), int(sys.argv[2]), []
+for arg in sys.argv[3:]:
+    name, run = arg.split("=", 1)
+    evals = [e for e in map(json.loads, open(Path(run) / "train_log.jsonl")) if "dev_bleu" in e and e["step"] <= updates]
+    config = (Path(run) / "train_config.yaml").read_text()
+    weights = " / ".join(next((line.split(":")[1].strip() for line in config.splitlines()
+                               if line.strip().startswith(key + ":")), "?") for key in ("w_hard", "w_soft", "w_layer"))
+    rows.append((name, weights, evals))
+steps = sorted({e["step"] for _, _, evals in rows for e in evals})
+lines = ["| weighting | w_hard / w_soft / w_layer | " + " | ".join(f"dev BLEU @{s}" for s in steps) + " | dev loss @last |",
+         "|---|---|" + "---:|" * (len(steps) + 1)]
+for name, weights, evals in rows:
+    at = {e["step"]: e for e in evals}
+    cells = [f"{at[s]['dev_bleu']:.2f}" if s in at else "" for s in steps]
+    lines.append(f"| {name} | {weights} | " + " | ".join(cells) + f" | {evals[-1]['dev_loss']:.3f} |" if evals else f"| {name} | {weights} | |")
+out.write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
