@@ -25,13 +25,13 @@ ckd=$CKD
 cd "$code"
 mkdir -p "$runs"; [ -e "$runs/data" ] || ln -s "$h/data" "$runs/data"; [ -e "$runs/teacher" ] || ln -s "$h/teacher" "$runs/teacher"
 while pgrep -f "combinekd train" > /dev/null; do sleep 30; done  # a run left by an earlier driver
-train() {  # train RUNS_DIR NAME --set ...: to early stopping, resumed if interrupted
+train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (default config: the CPU student), resumed if interrupted
   local r=$1 name=$2; shift 2
   [ -f "$r/$name/train_summary.json" ] && return 0
   local resume=(); [ -d "$r/$name/checkpoints/last" ] && resume=(--resume)
   echo "$r/$name: training ($(date))"
-  "$ckd" train configs/student-cpu.yaml --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" "${resume[@]}" \
-      >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
+  "$ckd" train "${CONFIG:-configs/student-cpu.yaml}" --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" \
+      "${resume[@]}" >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
@@ -60,11 +60,6 @@ train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 # A teacher candidate (issue 6, item 3): the teacher's dev loss rose after update 4,200 while its training
 # loss fell (over-fitting ~30k pairs), so the same recipe with dropout 0.3
-if [ ! -f "$h/teacher-dropout03/train_summary.json" ]; then
-    resume=(); [ -d "$h/teacher-dropout03/checkpoints/last" ] && resume=(--resume)
-    echo "$h/teacher-dropout03: training ($(date))"
-    "$ckd" train configs/teacher-cpu.yaml --set "data_dir=$h/data" --set "output_dir=$h/teacher-dropout03" \
-        --set model.dropout=0.3 "${resume[@]}" >> "$h/teacher-dropout03.log" 2>&1 || exit 1
-fi
+CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1

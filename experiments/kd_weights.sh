@@ -36,16 +36,16 @@ done
 # and seed cut at UPDATES (e.g. the converged d192 CKD student for the `combinekd` row)
 curves=(); for name in "${names[@]}"; do curves+=("$name=$runs/$name"); done
 [ -n "${REFERENCE:-}" ] && curves=("$REFERENCE" "${curves[@]}")
-python3 - "$runs/summary.md" "$updates" "${curves[@]}" <<'PY'
+"${PY:-$here/.venv/bin/python}" - "$runs/summary.md" "$updates" "${curves[@]}" <<'PY'
 import json, sys
 from pathlib import Path
+import yaml
 out, updates, rows = Path(sys.argv[1]), int(sys.argv[2]), []
 for arg in sys.argv[3:]:
     name, run = arg.split("=", 1)
     evals = [e for e in map(json.loads, open(Path(run) / "train_log.jsonl")) if "dev_bleu" in e and e["step"] <= updates]
-    config = (Path(run) / "train_config.yaml").read_text()
-    weights = " / ".join(next((line.split(":")[1].strip() for line in config.splitlines()
-                               if line.strip().startswith(key + ":")), "?") for key in ("w_hard", "w_soft", "w_layer"))
+    distill = yaml.safe_load((Path(run) / "train_config.yaml").read_text())["distill"]  # weights resolved from the preset
+    weights = " / ".join(str(distill[key]) for key in ("w_hard", "w_soft", "w_layer"))
     rows.append((name, weights, evals))
 steps = sorted({e["step"] for _, _, evals in rows for e in evals})
 lines = ["| weighting | w_hard / w_soft / w_layer | " + " | ".join(f"dev BLEU @{s}" for s in steps) + " | dev loss @last |",
