@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
-# its benchmark (issue 9: 2.5x the teacher at beam 5?); KD weightings at d192, 1,500 updates each
-# (experiments/kd_weights.sh); the d256 word-KD and PKD students (issue 6: is it the combination that
-# helps?); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the d192 word-KD and PKD students with the d192
+# its benchmark (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD students (issue 6: is it
+# the combination that helps?); KD weightings at d192, 1,500 updates each (experiments/kd_weights.sh); a
+# dropout-0.3 teacher; a 2+2 d192 no-KD student and the d192 word-KD and PKD students with the d192
 # table (experiments/head_to_head.sh with SET). Every step is skipped when done and resumed when interrupted, so after a
 # session ends simply run it again (it first waits for a training left running by an earlier driver):
 #
@@ -53,11 +53,11 @@ train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit
 deploy "$h"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
 deploy "$runs"
+train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 # KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
 NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" REFERENCE="combinekd=$runs/student-ckd" \
     bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
-train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 # A teacher candidate (issue 6, item 3): the teacher's dev loss rose after update 4,200 while its training
 # loss fell (over-fitting ~30k pairs), so the same recipe with dropout 0.3
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
