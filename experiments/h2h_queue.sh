@@ -33,7 +33,7 @@ train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (def
   "$ckd" train "${CONFIG:-configs/student-cpu.yaml}" --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" \
       "${resume[@]}" >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
-deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
+deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmarks of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
   if [ ! -f "$r/student-ckd/test.json" ]; then  # scores, and the hypotheses for paired bootstrap
     "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json --out "$r/student-ckd/test.hyp.en" \
@@ -45,6 +45,9 @@ deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmar
   [ -f "$r/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" \
       "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en" \
       > "$r/benchmark.log" 2>&1
+  # both Hugging Face models again with bf16 weights (AMX): the student/teacher ratio in the other precision
+  [ -f "$r/benchmark-pt-en-bf16.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" --dtype bfloat16 \
+      --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en-bf16" > "$r/benchmark-bf16.log" 2>&1
 }
 kd=(--set "distill.teacher=$h/teacher")
 d192=(--set model.d_model=192 --set model.ffn_dim=768)
