@@ -212,7 +212,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from combinekd.config import STRATEGIES
 
-    parser = argparse.ArgumentParser(prog="combinekd", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="combinekd", formatter_class=_HelpFormatter,
+        description="Distil a translation model into a small, fast student (Combinatorial KD and other KD "
+                    "methods). The usual path: prepare -> train (teacher) -> train (student) -> "
+                    "evaluate/compare -> export -> translate. `combinekd COMMAND --help` for each; errors are "
+                    "one line on stderr and exit code 2.")
     parser.add_argument("--version", action="version", version=f"combinekd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
