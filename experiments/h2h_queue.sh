@@ -33,7 +33,7 @@ train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (def
   "$ckd" train "${CONFIG:-configs/student-cpu.yaml}" --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" \
       "${resume[@]}" >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
-deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmarks of RUNS_DIR/student-ckd
+deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
   if [ ! -f "$r/student-ckd/test.json" ]; then  # scores, and the hypotheses for paired bootstrap
     "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json --out "$r/student-ckd/test.hyp.en" \
@@ -45,7 +45,9 @@ deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmar
   [ -f "$r/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" \
       "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en" \
       > "$r/benchmark.log" 2>&1
-  # both Hugging Face models again with bf16 weights (AMX): the student/teacher ratio in the other precision
+}
+bf16() {  # bf16 RUNS_DIR: teacher and RUNS_DIR/student-ckd benchmarked again with bf16 weights (AMX)
+  local r=$1; local -x PYTHONPATH=$deploy_code/src
   [ -f "$r/benchmark-pt-en-bf16.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" --dtype bfloat16 \
       --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en-bf16" > "$r/benchmark-bf16.log" 2>&1
 }
@@ -56,6 +58,7 @@ train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit
 deploy "$h"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
 deploy "$runs"
+bf16 "$runs"
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 # KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
@@ -66,3 +69,4 @@ NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" R
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
+bf16 "$h"
