@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
-# its benchmarks in float32 and bf16 (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD students (issue 6: is it
-# the combination that helps?); KD weightings at d192, 1,500 updates each (experiments/kd_weights.sh); a
-# dropout-0.3 teacher; a 2+2 d192 no-KD student and the d192 word-KD and PKD students with the d192
-# table (experiments/head_to_head.sh with SET); the d256 student's bf16 benchmark. Every step is skipped when done and resumed when interrupted, so after a
+# its benchmarks in float32 and bf16 (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD
+# students (issue 6: is it the combination that helps?); KD weightings at d192, 1,500 updates each
+# (experiments/kd_weights.sh); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the d192 word-KD and
+# PKD students with the d192 table (experiments/head_to_head.sh with SET); the d256 student's bf16
+# benchmark. Every step is skipped when done and resumed when interrupted, so after a
 # session ends simply run it again (it first waits for a training left running by an earlier driver):
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
