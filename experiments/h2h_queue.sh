@@ -43,14 +43,15 @@ deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmar
   for q in float32 int8; do
     [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
-  [ -f "$r/benchmark-pt-en.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" \
-      "$r/student-ckd-ct2-int8" --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en" \
-      > "$r/benchmark.log" 2>&1
+  benchmark "$r" benchmark-pt-en benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" "$r/student-ckd-ct2-int8"
 }
 bf16() {  # bf16 RUNS_DIR: teacher and RUNS_DIR/student-ckd benchmarked again with bf16 weights (AMX)
-  local r=$1; local -x PYTHONPATH=$deploy_code/src
-  [ -f "$r/benchmark-pt-en-bf16.json" ] || "$ckd" benchmark "$h/teacher" "$r/student-ckd" --dtype bfloat16 \
-      --data "$h/data" --threads 2 --limit 400 --rounds $rounds --out "$r/benchmark-pt-en-bf16" > "$r/benchmark-bf16.log" 2>&1
+  benchmark "$1" benchmark-pt-en-bf16 benchmark-bf16 "$h/teacher" "$1/student-ckd" --dtype bfloat16
+}
+benchmark() {  # benchmark RUNS_DIR OUT LOG MODEL... [--dtype D]: RUNS_DIR/OUT.{md,json,png} unless done (log RUNS_DIR/LOG.log)
+  local r=$1 out=$2 log=$3; shift 3; local -x PYTHONPATH=$deploy_code/src
+  [ -f "$r/$out.json" ] || "$ckd" benchmark "$@" --data "$h/data" --threads 2 --limit 400 --rounds $rounds \
+      --out "$r/$out" > "$r/$log.log" 2>&1
 }
 kd=(--set "distill.teacher=$h/teacher")
 d192=(--set model.d_model=192 --set model.ffn_dim=768)
