@@ -2,29 +2,34 @@
 # The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
 # to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
 # its benchmarks in float32 and bf16 (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD
-# students (issue 6: is it the combination that helps?); KD weightings at d192, 1,500 updates each
-# (experiments/kd_weights.sh); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the d192 word-KD and
-# PKD students with the d192 table (experiments/head_to_head.sh with SET); the d256 student's bf16
-# benchmark. Every step is skipped when done and resumed when interrupted, so after a
+# students, their test scores and the d256 table (issue 6: is it the combination that helps?); KD
+# weightings at d192, 1,500 updates each (experiments/kd_weights.sh); a 2+2 d128 CKD student and its
+# benchmark (issue 9 again: d192 gave 2.40x); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the
+# d192 word-KD and PKD students with the d192 table (experiments/head_to_head.sh with SET); the d256
+# student's bf16 benchmark. Every step is skipped when done and resumed when interrupted, so after a
 # session ends simply run it again (it first waits for a training left running by an earlier driver):
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
 #
-# H2H (default ~/runs/h2h: data, teacher, d256 students), D192 (default ~/runs/h2h-d192, with `data` and
-# `teacher` linked to H2H's), CODE (default: this checkout; the runs of 2026-11-28 used a worktree of
-# commit 2439519 at ~/runs/code, so that editing this checkout does not change a queued run; never move
+# H2H (default ~/runs/h2h: data, teacher, d256 students), D192 / D128 (default ~/runs/h2h-d192 and
+# ~/runs/h2h-d128, with `data` and `teacher` linked to H2H's), NOKD (default ~/runs/gpu-h2h/student-nokd:
+# the d256 no-KD student, trained on a GPU), CODE (default: this checkout; the runs of 2026-11-28 used a
+# worktree at ~/runs/code, so that editing this checkout does not change a queued run; never move
 # a worktree under a running training: modules it imports later come from the new commit), DEPLOY_CODE
-# (default CODE: the code of the deploy steps, e.g. a newer worktree), ROUNDS (default 3: benchmark
-# rounds), CORPUS (default ../shared/data/bible/pt-en).
+# (default CODE: the code of the scoring and deploy steps, e.g. a newer worktree), ROUNDS (default 3:
+# benchmark rounds), CORPUS (default ../shared/data/bible/pt-en).
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
-code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}; runs=${D192:-$HOME/runs/h2h-d192}
+code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}; runs=${D192:-$HOME/runs/h2h-d192}; d128=${D128:-$HOME/runs/h2h-d128}
+nokd=${NOKD:-$HOME/runs/gpu-h2h/student-nokd}
 deploy_code=${DEPLOY_CODE:-$code}; rounds=${ROUNDS:-3}  # the code (and benchmark rounds) of the deploy steps
 corpus=${CORPUS:-$here/../shared/data/bible/pt-en}
 export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/python
 ckd=$CKD
 cd "$code"
-mkdir -p "$runs"; [ -e "$runs/data" ] || ln -s "$h/data" "$runs/data"; [ -e "$runs/teacher" ] || ln -s "$h/teacher" "$runs/teacher"
+for r in "$runs" "$d128"; do
+    mkdir -p "$r"; [ -e "$r/data" ] || ln -s "$h/data" "$r/data"; [ -e "$r/teacher" ] || ln -s "$h/teacher" "$r/teacher"
+done
 while pgrep -f "combinekd train" > /dev/null; do sleep 30; done  # a run left by an earlier driver
 train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (default config: the CPU student), resumed if interrupted
   local r=$1 name=$2; shift 2
@@ -34,12 +39,14 @@ train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (def
   "$ckd" train "${CONFIG:-configs/student-cpu.yaml}" --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" \
       "${resume[@]}" >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
+score() {  # score MODEL_DIR: its test scores (MODEL_DIR/test.json) and hypotheses (test.hyp.en, for paired bootstrap)
+  local m=$1; local -x PYTHONPATH=$deploy_code/src
+  [ -f "$m/test.json" ] || { "$ckd" evaluate "$m" --data "$h/data" --json --out "$m/test.hyp.en" > "$m/test.json.part" \
+      && mv "$m/test.json.part" "$m/test.json"; }
+}
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
-  if [ ! -f "$r/student-ckd/test.json" ]; then  # scores, and the hypotheses for paired bootstrap
-    "$ckd" evaluate "$r/student-ckd" --data "$h/data" --json --out "$r/student-ckd/test.hyp.en" \
-        > "$r/student-ckd/test.json.part" && mv "$r/student-ckd/test.json.part" "$r/student-ckd/test.json"
-  fi
+  score "$r/student-ckd"
   for q in float32 int8; do
     [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
@@ -62,10 +69,18 @@ train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d
 deploy "$runs"
 bf16 "$runs"
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+score "$h/student-word"
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
+score "$h/student-pkd"
+[ -f "$h/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
+    --out "$h/h2h-d256" "no-KD=$nokd/test.hyp.en" "word-KD=$h/student-word/test.hyp.en" \
+    "PKD=$h/student-pkd/test.hyp.en" "CKD=$h/student-ckd/test.hyp.en" "teacher=$h/teacher/test.hyp.en" --versus teacher
 # KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
 NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" REFERENCE="combinekd=$runs/student-ckd" \
     bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
+# issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
+train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
+deploy "$d128"
 # A teacher candidate (issue 6, item 3): the teacher's dev loss rose after update 4,200 while its training
 # loss fell (over-fitting ~30k pairs), so the same recipe with dropout 0.3
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
