@@ -8,6 +8,7 @@ from pathlib import Path
 
 from combinekd.files import atomic_file
 
+AVERAGE_INFO = "averaged.json"  # what `combinekd average` averaged (average.py)
 TAGS = ("translation", "combinekd", "knowledge-distillation")
 METRICS = ("bleu", "chrf")
 
@@ -100,8 +101,15 @@ def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> 
         lines += [f"- Updates: {summary.get('steps')} (best dev BLEU at update {summary.get('best_step')}"
                   f"{', stopped early' if summary.get('stopped_early') else ''}); "
                   f"{summary.get('train_seconds')} s of training"]
+    averaged = _read_json(model_dir / AVERAGE_INFO)  # written by `combinekd average`
+    if averaged:
+        dev = averaged.get("dev_bleu_during_training", {})
+        steps = ", ".join(f"{step:,} ({dev.get(str(step))})" for step in averaged.get("steps", []))
+        lines += [f"- Weights: the mean of the models of updates {steps} (dev BLEU during training), "
+                  f"made by `combinekd average` from `{averaged.get('source_run')}`"]
     lines += ["- Full configuration: `train_config.yaml`; training log: `train_log.jsonl`", ""]
-    lines += _scores_section(summary.get("best_dev_bleu"), cfg, evaluations)
+    # the run's best dev BLEU is that of its best single model, not of an average
+    lines += _scores_section(None if averaged else summary.get("best_dev_bleu"), cfg, evaluations)
     return lines, languages
 
 
@@ -160,13 +168,14 @@ def record_evaluation(model_dir: str | Path, result: dict, data_dir: str | Path)
     return True
 
 
-def write_train_card(model_dir: str | Path) -> Path:
-    """Write ``model_dir/README.md`` for the best model a ``train`` run saved there."""
+def write_train_card(model_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``model_dir/README.md`` for the best model a ``train`` run saved there (or the average that
+    ``combinekd average`` made of its models), titled ``name`` (default: the dir's name)."""
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
     training, languages = training_section(model_dir, _read_json(model_dir / SCORES_FILE).get("evaluations"))
     params = _params(model_dir)
-    lines = [_header(languages), f"# {model_dir.name}", "",
+    lines = [_header(languages), f"# {name or model_dir.name}", "",
              f"A {languages[0]}->{languages[1]} translation model trained with combinekd.", "",
              "## Model", "", f"- {_shape(config)}",
              f"- Parameters: {params:,}" if params else "- Parameters: unknown",

@@ -144,6 +144,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from combinekd.average import average_models
+
+    info = average_models(args.run_dir, args.out, last=args.last, overwrite=args.overwrite)
+    print(f"wrote {args.out}: the mean of the models of updates {', '.join(map(str, info['steps']))}; "
+          f"compare it with the run's best model on dev: combinekd compare {args.run_dir} {args.out} "
+          f"--data DATADIR --split dev")
+    return 0
+
+
 def _cmd_mapping(args: argparse.Namespace) -> int:
     from combinekd.mapping import describe, layer_groups
 
@@ -304,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the CTranslate2 dir to write")
     x.add_argument("--quantization", default="int8", help="int8, int8_float32, int16, float16 or float32")
     x.add_argument("--overwrite", action="store_true", help="replace an existing dir at --out")
+
+    a = command(sub, "average", "checkpoint averaging: a model dir with the mean weights of a run's last "
+                "evaluated models", _cmd_average)
+    a.add_argument("run_dir", help="a `combinekd train` output_dir (it keeps the last train.keep_models models)")
+    a.add_argument("--out", required=True, help="the model dir to write")
+    a.add_argument("--last", type=_positive, default=None, help="average only the last N kept models (default: all)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing dir at --out")
 
     b = command(sub, "benchmark", "decoding speed, latency, memory, size and BLEU of HF and CTranslate2 models",
                 _cmd_benchmark)

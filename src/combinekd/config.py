@@ -99,6 +99,9 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(32, ge=1, description="sentences per decoding batch for the dev BLEU "
                                  "(larger is faster on a GPU)")
     patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
+    keep_models: int = Field(6, ge=0, description="keep the weights of the last N evaluated models (in "
+                             "OUTPUT_DIR/checkpoints/models) for `combinekd average`; 0 = none. With patience 5, "
+                             "6 keeps an early-stopped run's best model and the five after it")
     log_every: int = Field(50, ge=1, description="log losses and speed every N updates")
     max_bad_steps: int = Field(5, ge=1, description="an update whose loss is not finite (NaN/inf) is skipped "
                                "and logged; the run stops after this many in a row")

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from combinekd.average import keep_model
 from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
@@ -527,6 +528,9 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
             state.saving_seconds += time.perf_counter() - saving
         else:
             state.bad_evals += 1
+        saving = time.perf_counter()
+        keep_model(student, out, state.step, cfg.train.keep_models)  # for `combinekd average`
+        state.saving_seconds += time.perf_counter() - saving
         state.stopped_early = bool(cfg.train.patience and state.bad_evals >= cfg.train.patience)
         state.finished = state.stopped_early or state.step >= cfg.train.max_steps
         record({"step": state.step, **{k: round(v, 4) for k, v in scores.items()},
