@@ -6,8 +6,10 @@
 # weightings at d192, 1,500 updates each (experiments/kd_weights.sh); a 2+2 d128 CKD student and its
 # benchmark (issue 9 again: d192 gave 2.40x); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the
 # d192 word-KD and PKD students with the d192 table (experiments/head_to_head.sh with SET); the d256
-# student's bf16 benchmark. Every step is skipped when done and resumed when interrupted, so after a
-# session ends simply run it again (it first waits for a training left running by an earlier driver):
+# student's bf16 benchmark. Runs of code with checkpoint averaging (b285453 on) are also averaged
+# (RUN-avg) and both scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json). Every step is skipped
+# when done and resumed when interrupted, so after a session ends simply run it again (it first waits
+# for a training left running by an earlier driver):
 #
 #   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
 #
@@ -44,6 +46,14 @@ score() {  # score MODEL_DIR: its test scores (MODEL_DIR/test.json) and hypothes
   [ -f "$m/test.json" ] || { "$ckd" evaluate "$m" --data "$h/data" --json --out "$m/test.hyp.en" > "$m/test.json.part" \
       && mv "$m/test.json.part" "$m/test.json"; }
 }
+avg() {  # avg MODEL_DIR: the mean of its kept models (MODEL_DIR-avg, `combinekd average`) and both on dev, beam 5
+  local m=$1; local -x PYTHONPATH=$deploy_code/src
+  [ -d "$m-avg" ] || "$ckd" average "$m" --out "$m-avg" || return 0  # (a run of older code kept none)
+  for d in "$m" "$m-avg"; do
+    [ -f "$d/dev.json" ] || { "$ckd" evaluate "$d" --data "$h/data" --split dev --json --out "$d/dev.hyp.en" \
+        > "$d/dev.json.part" && mv "$d/dev.json.part" "$d/dev.json"; }
+  done
+}
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
   score "$r/student-ckd"
@@ -69,9 +79,9 @@ train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d
 deploy "$runs"
 bf16 "$runs"
 train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-score "$h/student-word"
+score "$h/student-word"; avg "$h/student-word"
 train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
-score "$h/student-pkd"
+score "$h/student-pkd"; avg "$h/student-pkd"
 [ -f "$h/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
     --out "$h/h2h-d256" "no-KD=$nokd/test.hyp.en" "word-KD=$h/student-word/test.hyp.en" \
     "PKD=$h/student-pkd/test.hyp.en" "CKD=$h/student-ckd/test.hyp.en" "teacher=$h/teacher/test.hyp.en" --versus teacher
@@ -80,10 +90,11 @@ NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" R
     bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
 # issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
 train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
-deploy "$d128"
+deploy "$d128"; avg "$d128/student-ckd"
 # A teacher candidate (issue 6, item 3): the teacher's dev loss rose after update 4,200 while its training
 # loss fell (over-fitting ~30k pairs), so the same recipe with dropout 0.3
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
+avg "$h/teacher-dropout03"
 train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
 SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
 bf16 "$h"
