@@ -104,9 +104,11 @@ def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> 
     averaged = _read_json(model_dir / AVERAGE_INFO)  # written by `combinekd average`
     if averaged:
         dev = averaged.get("dev_bleu_during_training", {})
-        steps = ", ".join(f"{step:,} ({dev.get(str(step))})" for step in averaged.get("steps", []))
-        lines += [f"- Weights: the mean of the models of updates {steps} (dev BLEU during training), "
-                  f"made by `combinekd average` from `{averaged.get('source_run')}`"]
+        steps = averaged.get("steps", [])
+        which = ", ".join(f"{step:,} ({dev.get(str(step))})" for step in steps)
+        which = f"the model of update {which}" if len(steps) == 1 else f"the mean of the models of updates {which}"
+        lines += [f"- Weights: {which} (dev BLEU during training), made by `combinekd average` from "
+                  f"`{averaged.get('source_run')}`"]
     lines += ["- Full configuration: `train_config.yaml`; training log: `train_log.jsonl`", ""]
     # the run's best dev BLEU is that of its best single model, not of an average
     lines += _scores_section(None if averaged else summary.get("best_dev_bleu"), cfg, evaluations)

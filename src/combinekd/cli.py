@@ -148,7 +148,9 @@ def _cmd_average(args: argparse.Namespace) -> int:
     from combinekd.average import average_models
 
     info = average_models(args.run_dir, args.out, last=args.last, overwrite=args.overwrite)
-    print(f"wrote {args.out}: the mean of the models of updates {', '.join(map(str, info['steps']))}; "
+    what = (f"the model of update {info['steps'][0]}" if len(info["steps"]) == 1 else
+            f"the mean of the models of updates {', '.join(map(str, info['steps']))}")
+    print(f"wrote {args.out}: {what}; "
           f"compare it with the run's best model on dev: combinekd compare {args.run_dir} {args.out} "
           f"--data DATADIR --split dev")
     return 0
