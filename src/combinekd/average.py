@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from combinekd.card import AVERAGE_INFO, write_train_card
+from combinekd.card import AVERAGE_INFO, log_entries, write_train_card
 from combinekd.errors import UserError
 from combinekd.files import atomic_dir, atomic_file
 
@@ -65,15 +65,15 @@ def average_models(run_dir: str | Path, out: str | Path, last: int | None = None
         raise UserError("--out must differ from RUN_DIR")
     chosen = kept[-last:] if last else kept
     model, tokenizer = load_model_dir(run_dir)  # the run's architecture and tokenizer
-    mean: dict[str, torch.Tensor] = {}
-    for step, path in chosen:
+    first = load_file(str(chosen[0][1]))
+    mean = {name: value.double() for name, value in first.items()}  # summed in fp64, then cast back
+    for _, path in chosen[1:]:
         tensors = load_file(str(path))
-        if mean and tensors.keys() != mean.keys():
+        if tensors.keys() != mean.keys():
             raise UserError(f"{path} holds other weights than {chosen[0][1]}: not the same model")
-        for name, value in tensors.items():  # summed in fp64, then cast back to each weight's dtype
-            mean[name] = mean[name] + value.double() if name in mean else value.double()
-    dtypes = {name: value.dtype for name, value in load_file(str(chosen[0][1])).items()}
-    mean = {name: (value / len(chosen)).to(dtypes[name]) for name, value in mean.items()}
+        for name, value in tensors.items():
+            mean[name] += value.double()
+    mean = {name: (value / len(chosen)).to(first[name].dtype) for name, value in mean.items()}
     with tempfile.TemporaryDirectory(prefix=".combinekd-average-") as scratch:
         save_file(mean, f"{scratch}/mean.safetensors")
         try:
@@ -96,16 +96,4 @@ def average_models(run_dir: str | Path, out: str | Path, last: int | None = None
 
 def _dev_bleu(run_dir: Path) -> dict[int, float]:
     """Dev BLEU by update, from the run's train_log.jsonl."""
-    scores: dict[int, float] = {}
-    try:
-        lines = (run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return scores
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "dev_bleu" in entry:
-            scores[int(entry["step"])] = entry["dev_bleu"]
-    return scores
+    return {int(entry["step"]): entry["dev_bleu"] for entry in log_entries(run_dir) if "dev_bleu" in entry}

@@ -49,21 +49,37 @@ def _params(model_dir: Path) -> int | None:
     return _count_parameters(weights)
 
 
-def _objective(model_dir: Path) -> list[str]:
-    """The objective's describe() lines as the (last) run recorded them in train_log.jsonl."""
-    lines: list[str] = []
+def log_entries(model_dir: Path) -> list[dict]:
+    """The entries of a run's train_log.jsonl (unreadable lines skipped; none without the file)."""
     try:
         text = (model_dir / "train_log.jsonl").read_text(encoding="utf-8")
     except OSError:
-        return lines
+        return []
+    entries = []
     for row in text.splitlines():
         try:
             entry = json.loads(row)
         except ValueError:
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("objective"), list):
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _objective(model_dir: Path) -> list[str]:
+    """The objective's describe() lines as the (last) run recorded them in train_log.jsonl."""
+    lines: list[str] = []
+    for entry in log_entries(model_dir):
+        if isinstance(entry.get("objective"), list):
             lines = [str(x) for x in entry["objective"]]
     return lines
+
+
+def averaged_weights(steps: list[int], dev: dict[str, float | None] | None = None) -> str:
+    """How an average's weights are named: "the model of update S" or "the mean of the models of updates
+    S1, S2, ...", each with its dev BLEU in brackets when ``dev`` (by update, as text) is given."""
+    which = ", ".join(f"{step:,} ({dev.get(str(step))})" if dev is not None else str(step) for step in steps)
+    return f"the model of update {which}" if len(steps) == 1 else f"the mean of the models of updates {which}"
 
 
 def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> tuple[list[str], list[str]]:
@@ -103,10 +119,7 @@ def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> 
                   f"{summary.get('train_seconds')} s of training"]
     averaged = _read_json(model_dir / AVERAGE_INFO)  # written by `combinekd average`
     if averaged:
-        dev = averaged.get("dev_bleu_during_training", {})
-        steps = averaged.get("steps", [])
-        which = ", ".join(f"{step:,} ({dev.get(str(step))})" for step in steps)
-        which = f"the model of update {which}" if len(steps) == 1 else f"the mean of the models of updates {which}"
+        which = averaged_weights(averaged.get("steps", []), averaged.get("dev_bleu_during_training", {}))
         lines += [f"- Weights: {which} (dev BLEU during training), made by `combinekd average` from "
                   f"`{averaged.get('source_run')}`"]
     lines += ["- Full configuration: `train_config.yaml`; training log: `train_log.jsonl`", ""]

@@ -146,11 +146,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_average(args: argparse.Namespace) -> int:
     from combinekd.average import average_models
+    from combinekd.card import averaged_weights
 
     info = average_models(args.run_dir, args.out, last=args.last, overwrite=args.overwrite)
-    what = (f"the model of update {info['steps'][0]}" if len(info["steps"]) == 1 else
-            f"the mean of the models of updates {', '.join(map(str, info['steps']))}")
-    print(f"wrote {args.out}: {what}; "
+    print(f"wrote {args.out}: {averaged_weights(info['steps'])}; "
           f"compare it with the run's best model on dev: combinekd compare {args.run_dir} {args.out} "
           f"--data DATADIR --split dev")
     return 0
