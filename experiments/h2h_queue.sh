@@ -41,18 +41,15 @@ train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (def
   "$ckd" train "${CONFIG:-configs/student-cpu.yaml}" --set "data_dir=$h/data" --set "output_dir=$r/$name" "$@" \
       "${resume[@]}" >> "$r/$name.log" 2>&1 && echo "$r/$name: done ($(date))"
 }
-score() {  # score MODEL_DIR: its test scores (MODEL_DIR/test.json) and hypotheses (test.hyp.en, for paired bootstrap)
-  local m=$1; local -x PYTHONPATH=$deploy_code/src
-  [ -f "$m/test.json" ] || { "$ckd" evaluate "$m" --data "$h/data" --json --out "$m/test.hyp.en" > "$m/test.json.part" \
-      && mv "$m/test.json.part" "$m/test.json"; }
+score() {  # score MODEL_DIR [SPLIT]: its scores (MODEL_DIR/SPLIT.json, default test) and hypotheses (SPLIT.hyp.en, for paired bootstrap)
+  local m=$1 split=${2:-test}; local -x PYTHONPATH=$deploy_code/src
+  [ -f "$m/$split.json" ] || { "$ckd" evaluate "$m" --data "$h/data" --split $split --json --out "$m/$split.hyp.en" \
+      > "$m/$split.json.part" && mv "$m/$split.json.part" "$m/$split.json"; }
 }
 avg() {  # avg MODEL_DIR: the mean of its kept models (MODEL_DIR-avg, `combinekd average`) and both on dev, beam 5
   local m=$1; local -x PYTHONPATH=$deploy_code/src
   [ -d "$m-avg" ] || "$ckd" average "$m" --out "$m-avg" || return 0  # (a run of older code kept none)
-  for d in "$m" "$m-avg"; do
-    [ -f "$d/dev.json" ] || { "$ckd" evaluate "$d" --data "$h/data" --split dev --json --out "$d/dev.hyp.en" \
-        > "$d/dev.json.part" && mv "$d/dev.json.part" "$d/dev.json"; }
-  done
+  score "$m" dev; score "$m-avg" dev
 }
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
