@@ -1,37 +1,36 @@
 #!/usr/bin/env bash
-# The queue of the pt-en head-to-head as of 2026-11-28 (sequential, for 2 CPU cores): the d256 CKD student
-# to early stopping (resumed); its test scores and the deployment benchmark; a 2+2 d192 CKD student and
-# its benchmarks in float32 and bf16 (issue 9: 2.5x the teacher at beam 5?); the d256 word-KD and PKD
-# students, their test scores and the d256 table (issue 6: is it the combination that helps?); KD
-# weightings at d192, 1,500 updates each (experiments/kd_weights.sh); a 2+2 d128 CKD student and its
-# benchmark (issue 9 again: d192 gave 2.40x); a dropout-0.3 teacher; a 2+2 d192 no-KD student and the
-# d192 word-KD and PKD students with the d192 table (experiments/head_to_head.sh with SET); the d256
-# student's bf16 benchmark. Runs of code with checkpoint averaging (b285453 on) are also averaged
-# (RUN-avg) and both scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json). Every step is skipped
-# when done and resumed when interrupted, so after a session ends simply run it again (it first waits
-# for a training left running by an earlier driver):
+# The queue of the pt-en head-to-head, second round (2026-11-29). The machine of the first round was
+# handed over empty (its teacher, trained for 7 hours partly on a GPU, and every student were lost; their
+# scores are in results/h2h-d256.md), so the table is rebuilt around a new teacher, sequentially, for 2 CPU
+# cores: the 6+6 d256 teacher with dropout 0.3 (issue 6, item 3: the dropout-0.1 teacher's dev loss rose
+# after update 4,200 while its training loss fell, and it ended only 0.33 BLEU above the no-KD student);
+# its test scores and its checkpoint average; a 2+2 d128 CKD student with its CTranslate2 exports and the
+# deployment benchmark against the teacher (issue 9: d192 gave 2.40x, the target is 2.5x); the four 2+2
+# d256 students (PKD {3},{6}, CKD {1,2,3,4},{3,4,5,6}, word KD, no KD) and their table with paired
+# bootstrap (issue 6, item 5); the KD weightings on dev at d192, 1,500 updates each (item 4). Runs are
+# averaged (RUN-avg) and both scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json). Every step is
+# skipped when done and resumed when interrupted, so after a session ends simply run it again (it first
+# waits for a training left running by an earlier driver):
 #
-#   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h-d192/driver.log 2>&1 &
+#   nohup bash experiments/h2h_queue.sh >> ~/runs/h2h/driver.log 2>&1 &
 #
-# H2H (default ~/runs/h2h: data, teacher, d256 students), D192 / D128 (default ~/runs/h2h-d192 and
-# ~/runs/h2h-d128, with `data` and `teacher` linked to H2H's), NOKD (default ~/runs/gpu-h2h/student-nokd:
-# the d256 no-KD student, trained on a GPU), CODE (default: this checkout; the runs of 2026-11-28 used a
-# worktree at ~/runs/code, so that editing this checkout does not change a queued run; never move
-# a worktree under a running training: modules it imports later come from the new commit), DEPLOY_CODE
-# (default CODE: the code of the scoring and deploy steps, e.g. a newer worktree), ROUNDS (default 3:
-# benchmark rounds), CORPUS (default ../shared/data/bible/pt-en).
+# H2H (default ~/runs/h2h: data, teacher-d03, and the students of this round under d03/ and d03-d128/),
+# CODE (default: this checkout; use a worktree, e.g. ~/runs/code3, so that editing this checkout does not
+# change a queued run; never move a worktree under a running training: modules it imports later come
+# from the new commit), DEPLOY_CODE (default CODE: the code of the scoring and deploy steps), ROUNDS
+# (default 3: benchmark rounds), CORPUS (default ../shared/data/bible/pt-en).
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
-code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}; runs=${D192:-$HOME/runs/h2h-d192}; d128=${D128:-$HOME/runs/h2h-d128}
-nokd=${NOKD:-$HOME/runs/gpu-h2h/student-nokd}
+code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}
+teacher=$h/teacher-d03; runs=$h/d03; d128=$h/d03-d128
 deploy_code=${DEPLOY_CODE:-$code}; rounds=${ROUNDS:-3}  # the code (and benchmark rounds) of the deploy steps
 corpus=${CORPUS:-$here/../shared/data/bible/pt-en}
 export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/python
 ckd=$CKD
 cd "$code"
-for r in "$runs" "$d128"; do
-    mkdir -p "$r"; [ -e "$r/data" ] || ln -s "$h/data" "$r/data"; [ -e "$r/teacher" ] || ln -s "$h/teacher" "$r/teacher"
-done
+mkdir -p "$runs" "$d128"
+[ -f "$h/data/meta.json" ] || "$ckd" prepare --src-lang pt --tgt-lang en --train "$corpus/train" --dev "$corpus/dev" \
+    --test "$corpus/test" --vocab-size 8000 --out "$h/data" || exit 1
 while pgrep -f "combinekd train" > /dev/null; do sleep 30; done  # a run left by an earlier driver
 train() {  # [CONFIG=YAML] train RUNS_DIR NAME --set ...: to early stopping (default config: the CPU student), resumed if interrupted
   local r=$1 name=$2; shift 2
@@ -57,41 +56,36 @@ deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmar
   for q in float32 int8; do
     [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
-  benchmark "$r" benchmark-pt-en benchmark "$h/teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" "$r/student-ckd-ct2-int8"
+  benchmark "$r" benchmark-pt-en benchmark "$teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" "$r/student-ckd-ct2-int8"
 }
 bf16() {  # bf16 RUNS_DIR: teacher and RUNS_DIR/student-ckd benchmarked again with bf16 weights (AMX)
-  benchmark "$1" benchmark-pt-en-bf16 benchmark-bf16 "$h/teacher" "$1/student-ckd" --dtype bfloat16
+  benchmark "$1" benchmark-pt-en-bf16 benchmark-bf16 "$teacher" "$1/student-ckd" --dtype bfloat16
 }
 benchmark() {  # benchmark RUNS_DIR OUT LOG MODEL... [--dtype D]: RUNS_DIR/OUT.{md,json,png} unless done (log RUNS_DIR/LOG.log)
   local r=$1 out=$2 log=$3; shift 3; local -x PYTHONPATH=$deploy_code/src
   [ -f "$r/$out.json" ] || "$ckd" benchmark "$@" --data "$h/data" --threads 2 --limit 400 --rounds $rounds \
       --out "$r/$out" > "$r/$log.log" 2>&1
 }
-kd=(--set "distill.teacher=$h/teacher")
-d192=(--set model.d_model=192 --set model.ffn_dim=768)
-train "$h" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
-[ -f "$h/teacher/test.json" ] || "$ckd" evaluate "$h/teacher" --data "$h/data" --json > "$h/teacher/test.json"
-deploy "$h"
-train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap "${d192[@]}" || exit 1
-deploy "$runs"
-bf16 "$runs"
-train "$h" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-score "$h/student-word"; avg "$h/student-word"
-train "$h" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
-score "$h/student-pkd"; avg "$h/student-pkd"
-[ -f "$h/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
-    --out "$h/h2h-d256" "no-KD=$nokd/test.hyp.en" "word-KD=$h/student-word/test.hyp.en" \
-    "PKD=$h/student-pkd/test.hyp.en" "CKD=$h/student-ckd/test.hyp.en" "teacher=$h/teacher/test.hyp.en" --versus teacher
-# KD weights on dev at 1,500 updates (issue 6, item 4); the d192 CKD run above is the `combinekd` row
-NAMES="paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" REFERENCE="combinekd=$runs/student-ckd" \
-    bash "$here/experiments/kd_weights.sh" "$h/teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
+kd=(--set "distill.teacher=$teacher")
+CONFIG=configs/teacher-cpu.yaml train "$h" teacher-d03 --set model.dropout=0.3 || exit 1
+score "$teacher"; avg "$teacher"
 # issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
 train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
 deploy "$d128"; avg "$d128/student-ckd"
-# A teacher candidate (issue 6, item 3): the teacher's dev loss rose after update 4,200 while its training
-# loss fell (over-fitting ~30k pairs), so the same recipe with dropout 0.3
-CONFIG=configs/teacher-cpu.yaml train "$h" teacher-dropout03 --set model.dropout=0.3 || exit 1
-avg "$h/teacher-dropout03"
-train "$runs" student-nokd --set distill=null "${d192[@]}" || exit 1
-SET="model.d_model=192 model.ffn_dim=768" bash experiments/head_to_head.sh "$corpus" "$runs" pt en || exit 1
-bf16 "$h"
+# issue 6, item 5: the four d256 students and their table
+train "$runs" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
+score "$runs/student-pkd"; avg "$runs/student-pkd"
+train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
+score "$runs/student-ckd"; avg "$runs/student-ckd"
+train "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+score "$runs/student-word"; avg "$runs/student-word"
+train "$runs" student-nokd --set distill=null || exit 1
+score "$runs/student-nokd"; avg "$runs/student-nokd"
+[ -f "$runs/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
+    --out "$runs/h2h-d256" "no-KD=$runs/student-nokd/test.hyp.en" "word-KD=$runs/student-word/test.hyp.en" \
+    "PKD=$runs/student-pkd/test.hyp.en" "CKD=$runs/student-ckd/test.hyp.en" "teacher=$teacher/test.hyp.en" \
+    --versus teacher --versus word-KD --versus PKD
+# issue 6, item 4: KD weights on dev at 1,500 updates
+NAMES="combinekd paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
+    bash "$here/experiments/kd_weights.sh" "$teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
+deploy "$runs"; bf16 "$d128"
