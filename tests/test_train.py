@@ -121,6 +121,24 @@ def test_early_stopping(data_dir, tmp_path):
     assert summary["stopped_early"] and summary["steps"] == 6
 
 
+def test_time_budget_stops_at_an_evaluation_and_a_larger_one_resumes_exactly(data_dir, tmp_path, capsys):
+    straight = tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 12, "train.eval_every": 6})
+    train(straight)
+    # a budget any run exceeds: the run stops at its first evaluation, with a summary and a card
+    budget = {"train.max_steps": 12, "train.eval_every": 6, "train.max_hours": 1e-9}
+    summary = train(tiny_config(data_dir, tmp_path / "b", **budget))
+    assert summary["steps"] == 6 and summary["stopped_by"] == "max_hours" and not summary["stopped_early"]
+    assert json.loads((tmp_path / "b/train_summary.json").read_text())["stopped_by"] == "max_hours"
+    assert "time budget (train.max_hours) was spent" in (tmp_path / "b/README.md").read_text()
+    assert train(tiny_config(data_dir, tmp_path / "b", **budget), resume=True)["steps"] == 6
+    assert "raise train.max_hours to train on" in capsys.readouterr().err
+    resumed = train(tiny_config(data_dir, tmp_path / "b", **{**budget, "train.max_hours": 0}), resume=True)
+    assert resumed["steps"] == 12 and resumed["stopped_by"] == "max_steps"
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.parametrize("sets, message", [
     (["model.layers=3"], "model.layers: unknown key"),
     (["train.max_steps=-1"], "train.max_steps"),

@@ -13,6 +13,15 @@ TAGS = ("translation", "combinekd", "knowledge-distillation")
 METRICS = ("bleu", "chrf")
 
 
+def _stop_reason(summary: dict) -> str:
+    """How a finished run ended, for its card."""
+    if summary.get("stopped_early"):
+        return ", stopped early"
+    if summary.get("stopped_by") == "max_hours":
+        return ", stopped when its time budget (train.max_hours) was spent"
+    return ""
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -115,7 +124,7 @@ def training_section(model_dir: Path, evaluations: list[dict] | None = None) -> 
               f"{summary.get('pairs', '?')} training pairs)"]
     if summary:
         lines += [f"- Updates: {summary.get('steps')} (best dev BLEU at update {summary.get('best_step')}"
-                  f"{', stopped early' if summary.get('stopped_early') else ''}); "
+                  f"{_stop_reason(summary)}); "
                   f"{summary.get('train_seconds')} s of training"]
     averaged = _read_json(model_dir / AVERAGE_INFO)  # written by `combinekd average`
     if averaged:

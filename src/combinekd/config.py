@@ -99,6 +99,10 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(32, ge=1, description="sentences per decoding batch for the dev BLEU "
                                  "(larger is faster on a GPU)")
     patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
+    max_hours: float = Field(0.0, ge=0.0, description="time budget: stop at the first evaluation after the run has "
+                             "spent this many hours training, validating and saving (summed over resumed sessions); "
+                             "its best model so far is the result, and resuming with a larger budget trains on; "
+                             "0 = no limit")
     keep_models: int = Field(6, ge=0, description="keep the weights of the last N evaluated models (in "
                              "OUTPUT_DIR/checkpoints/models) for `combinekd average`; 0 = none. With patience 5, "
                              "6 keeps an early-stopped run's best model and the five after it")

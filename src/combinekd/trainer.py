@@ -90,7 +90,12 @@ class TrainerState:
     validation_seconds: float = 0.0
     saving_seconds: float = 0.0
     stopped_early: bool = False
+    out_of_time: bool = False  # train.max_hours spent
     finished: bool = False
+
+    def spent_hours(self) -> float:
+        """The run's time so far (training, validation, saving), the measure of ``train.max_hours``."""
+        return (self.train_seconds + self.validation_seconds + self.saving_seconds) / 3600
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -374,7 +379,7 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             window_start += _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_text, autocast,
                                                optimizer, scheduler, stream, state, record, out, last)
-            if state.stopped_early:
+            if state.stopped_early or state.out_of_time:
                 break
     log.close()
     summary = _summary(cfg, meta, state)
@@ -430,6 +435,8 @@ def _summary(cfg: Config, meta: dict, state: TrainerState) -> dict:
     """What ``train`` returns and writes to ``train_summary.json``."""
     return {"steps": state.step, "best_step": state.best_step, "best_dev_bleu": state.best_bleu,
             "train_seconds": round(state.train_seconds, 1), "stopped_early": state.stopped_early,
+            "stopped_by": ("patience" if state.stopped_early else "max_hours" if state.out_of_time
+                           else "max_steps" if state.step >= cfg.train.max_steps else None),
             "target_tokens_per_s": round(state.target_tokens / max(state.train_seconds, 1e-9), 1),
             "wall_seconds": {"training": round(state.train_seconds, 1),
                              "of_which_teacher_forward": _teacher_seconds(state),
@@ -445,8 +452,8 @@ def _teacher_seconds(state: TrainerState) -> float | None:
 
 
 def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
-    """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, or reached
-    ``cfg.train.max_steps`` (raising it trains on)."""
+    """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, reached
+    ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising either trains on)."""
     file = last / "trainer_state.json"
     if not file.is_file():
         return None  # load_checkpoint says what is missing
@@ -459,6 +466,10 @@ def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
     if state.step >= cfg.train.max_steps:
         return (f"the run in {where} already finished ({state.step} updates, train.max_steps="
                 f"{cfg.train.max_steps}): nothing to resume; raise train.max_steps to train on", state)
+    if cfg.train.max_hours and state.spent_hours() >= cfg.train.max_hours:
+        return (f"the run in {where} spent its time budget at update {state.step} ({state.spent_hours():.2f} hours, "
+                f"train.max_hours={cfg.train.max_hours:g}): nothing to resume; raise train.max_hours to train on",
+                state)
     return None
 
 
@@ -532,13 +543,17 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
         keep_model(student, out, state.step, cfg.train.keep_models)  # for `combinekd average`
         state.saving_seconds += time.perf_counter() - saving
         state.stopped_early = bool(cfg.train.patience and state.bad_evals >= cfg.train.patience)
-        state.finished = state.stopped_early or state.step >= cfg.train.max_steps
+        state.out_of_time = bool(cfg.train.max_hours and state.spent_hours() >= cfg.train.max_hours)
+        state.finished = state.stopped_early or state.out_of_time or state.step >= cfg.train.max_steps
         record({"step": state.step, **{k: round(v, 4) for k, v in scores.items()},
                 "best_dev_bleu": state.best_bleu, "train_seconds": round(state.train_seconds, 1)})
         from tqdm import tqdm
 
         tqdm.write(f"step {state.step}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
                    f"{' (best)' if improved else ''}")
+        if state.out_of_time and not state.stopped_early and state.step < cfg.train.max_steps:
+            tqdm.write(f"stopping: the time budget is spent ({state.spent_hours():.2f} hours, train.max_hours="
+                       f"{cfg.train.max_hours:g}); the best model is that of update {state.best_step}")
     rng_states = gather_object([rng_state()])  # every process's generators, for an exact resume
     if accelerator.is_main_process:
         saving = time.perf_counter()
