@@ -19,9 +19,13 @@ def test_a_run_keeps_its_last_evaluated_models(trained_model):
 
 def test_keep_model_keeps_only_the_last_n(tmp_path):
     model = torch.nn.Linear(3, 2)
-    for step in (10, 20, 30, 40):
+    for step in (10, 20, 30):
         keep_model(model, tmp_path / "run", step, keep=2)
+    models = tmp_path / "run" / "checkpoints" / "models"
+    (models / ".step-00000040.safetensors.tmp-x1y2").write_bytes(b"half")  # a run killed while writing
+    keep_model(model, tmp_path / "run", 40, keep=2)
     assert [step for step, _ in kept_models(tmp_path / "run")] == [30, 40]
+    assert sorted(p.name for p in models.iterdir()) == ["step-00000030.safetensors", "step-00000040.safetensors"]
     keep_model(model, tmp_path / "none", 10, keep=0)
     assert not (tmp_path / "none").exists()
 

@@ -29,7 +29,8 @@ _NAME = re.compile(r"step-(\d+)\.safetensors")
 
 
 def keep_model(model: torch.nn.Module, run_dir: str | Path, step: int, keep: int) -> None:
-    """Save ``model``'s weights as evaluated at update ``step`` and delete all but the last ``keep``."""
+    """Save ``model``'s weights as evaluated at update ``step`` and delete all but the last ``keep``, and
+    any file a run killed while writing one left behind (the caller holds the run's lock)."""
     if keep <= 0:
         return
     models = Path(run_dir) / MODELS
@@ -37,6 +38,8 @@ def keep_model(model: torch.nn.Module, run_dir: str | Path, step: int, keep: int
         save_model(model, str(staged))
     for _, old in kept_models(run_dir)[:-keep]:
         old.unlink()
+    for leftover in models.glob(".step-*.tmp-*"):  # atomic_file's staging name
+        leftover.unlink(missing_ok=True)
 
 
 def kept_models(run_dir: str | Path) -> list[tuple[int, Path]]:
