@@ -5,7 +5,8 @@
 Reads each run's train_log.jsonl (validation entries carry ``train_seconds``, the training time so
 far, validation excluded) and train_config.yaml. The table gives per run: architecture, shape, lr,
 warm-up, batch tokens, updates, best dev BLEU (and when), training minutes, and dev BLEU per
-CPU-hour at the best point (minutes x threads).
+CPU-hour at the best point (minutes x threads). The JSON also holds each run's evaluations (update, dev
+BLEU, dev loss, training seconds), so that a curve outlives the run that made it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def main() -> None:
     lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
     args.md.parent.mkdir(parents=True, exist_ok=True)
     args.md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    args.md.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    curves = [{**row, "evals": [{k: e.get(k) for k in ("step", "dev_bleu", "dev_loss", "train_seconds")}
+                                for e in run["evals"]]} for run, row in zip(runs, rows)]
+    args.md.with_suffix(".json").write_text(json.dumps(curves, indent=2) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
