@@ -191,6 +191,20 @@ def test_an_error_on_one_process_ends_every_process(small_data, tmp_path):
     assert json.loads((tmp_path / "failing/checkpoints/last/trainer_state.json").read_text())["progress"]["step"] == 2
 
 
+def test_the_launcher_reports_the_process_whose_own_error_stopped_the_run():
+    from types import SimpleNamespace as Failure
+
+    from combinekd.cli import PEER_STOPPED, root_cause
+
+    # noticed in the same poll (same timestamp): process 0 stopped because of process 1, or aborted at exit
+    for consequence in (PEER_STOPPED, -6):
+        failures = {0: Failure(exitcode=consequence, timestamp=100), 1: Failure(exitcode=2, timestamp=100)}
+        assert root_cause(failures)[0] == 1
+    # without a user error: a crash (a traceback's exit 1) before a process that stopped because of it
+    assert root_cause({0: Failure(exitcode=PEER_STOPPED, timestamp=99), 1: Failure(exitcode=1, timestamp=100)})[0] == 1
+    assert root_cause({0: Failure(exitcode=2, timestamp=101), 1: Failure(exitcode=2, timestamp=100)})[0] == 1
+
+
 def test_two_processes_resume_exactly_after_a_kill(small_data, tmp_path):
     """Killed (SIGKILL) while writing the checkpoint of update 4, whose weights are staged by then, and
     resumed from that of update 2: the weights equal the staged ones bit for bit (dropout on: each process's

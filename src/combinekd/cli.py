@@ -11,7 +11,9 @@ from typing import Iterator
 
 from combinekd import __version__
 from combinekd.engines import DTYPES
-from combinekd.errors import UserError, warn
+from combinekd.errors import PeerStopped, UserError, warn
+
+PEER_STOPPED = 3  # exit code of a process that stopped because another process of its run failed
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -51,6 +53,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def root_cause(failures: dict) -> tuple[int, object]:
+    """``(rank, failure)`` of the failure that stopped a several-process run, from the launcher's
+    ``{rank: ProcessFailure}``: a process's own error (exit 2) first, then any failure but that of a process
+    that only stopped because another failed (PEER_STOPPED), then the earliest. By time alone (torch's
+    ``get_first_failure``) it is a race: the launcher may notice both processes' ends in the same poll."""
+    return min(failures.items(), key=lambda item: (item[1].exitcode != 2, item[1].exitcode == PEER_STOPPED,
+                                                   item[1].timestamp, item[0]))
+
+
 def _launch(args: argparse.Namespace) -> int:
     """``train --processes N``: N processes on this machine through torch's own launcher (what ``torchrun
     --standalone --nproc-per-node N`` does), with a failure reported as one line and exit code 2."""
@@ -66,7 +77,7 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()  # the root cause; the others were stopped because of it
+        rank, failure = root_cause(failed.failures)
         raise UserError(f"process {rank} of {args.processes} failed (exit code {failure.exitcode}): "
                         "its error is above") from None
     return 0
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: which process says it
         where = f" (process {os.environ.get('RANK')} of {world})" if world > 1 else ""
         print(f"combinekd: error{where}: {exc}", file=sys.stderr)
-        return 2
+        return PEER_STOPPED if isinstance(exc, PeerStopped) else 2
     except OSError as exc:  # unreadable / unwritable paths, full disk
         if isinstance(exc, BrokenPipeError):
             return 0

@@ -1,10 +1,16 @@
-"""The one error type the CLI turns into a one-line message and exit code 2, and warnings."""
+"""The error types the CLI turns into a one-line message and exit code 2 (3 for a process that stopped
+because another failed), and warnings."""
 
 import sys
 
 
 class UserError(Exception):
     """A problem with the user's input or environment (bad corpus, bad config, missing file)."""
+
+
+class PeerStopped(UserError):
+    """This process of a several-process run stops because another one failed (whose error is the cause):
+    exit code 3 instead of 2, so that a launcher can tell the cause from its consequences."""
 
 
 def warn(message: str) -> None:

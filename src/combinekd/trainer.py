@@ -26,7 +26,7 @@ from combinekd.average import keep_model
 from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
-from combinekd.errors import UserError
+from combinekd.errors import PeerStopped, UserError
 from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
 
@@ -269,7 +269,7 @@ def train(cfg: Config, objective=None, resume: bool = False) -> dict:
     except RuntimeError as exc:  # gloo, when another process ended (after printing its own error)
         if "by peer" not in str(exc) or not torch.distributed.is_initialized():
             raise
-        raise UserError("another process of this run stopped: see its error") from None
+        raise PeerStopped("another process of this run stopped: see its error") from None
 
 
 def first_process() -> bool:
