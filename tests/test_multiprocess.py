@@ -194,7 +194,10 @@ def test_an_error_on_one_process_ends_every_process(small_data, tmp_path):
 def test_the_launcher_reports_the_process_whose_own_error_stopped_the_run():
     from types import SimpleNamespace as Failure
 
-    from combinekd.cli import PEER_STOPPED, root_cause
+    from combinekd.cli import root_cause
+    from combinekd.errors import PeerStopped
+
+    PEER_STOPPED = PeerStopped.exit_code
 
     # noticed in the same poll (same timestamp): process 0 stopped because of process 1, or aborted at exit
     for consequence in (PEER_STOPPED, -6):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from combinekd.card import AVERAGE_INFO, log_entries, write_train_card
 from combinekd.errors import UserError
-from combinekd.files import atomic_dir, atomic_file
+from combinekd.files import atomic_dir, atomic_file, staged_pattern
 
 MODELS = Path("checkpoints") / "models"
 _NAME = re.compile(r"step-(\d+)\.safetensors")
@@ -38,7 +38,7 @@ def keep_model(model: torch.nn.Module, run_dir: str | Path, step: int, keep: int
         save_model(model, str(staged))
     for _, old in kept_models(run_dir)[:-keep]:
         old.unlink()
-    for leftover in models.glob(".step-*.tmp-*"):  # atomic_file's staging name
+    for leftover in models.glob(staged_pattern("step-*.safetensors")):
         leftover.unlink(missing_ok=True)
 
 

@@ -13,8 +13,6 @@ from combinekd import __version__
 from combinekd.engines import DTYPES
 from combinekd.errors import PeerStopped, UserError, warn
 
-PEER_STOPPED = 3  # exit code of a process that stopped because another process of its run failed
-
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from combinekd.sample import build_sample_corpus
@@ -56,9 +54,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def root_cause(failures: dict) -> tuple[int, object]:
     """``(rank, failure)`` of the failure that stopped a several-process run, from the launcher's
     ``{rank: ProcessFailure}``: a process's own error (exit 2) first, then any failure but that of a process
-    that only stopped because another failed (PEER_STOPPED), then the earliest. By time alone (torch's
+    that only stopped because another failed (``PeerStopped.exit_code``), then the earliest. By time alone (torch's
     ``get_first_failure``) it is a race: the launcher may notice both processes' ends in the same poll."""
-    return min(failures.items(), key=lambda item: (item[1].exitcode != 2, item[1].exitcode == PEER_STOPPED,
+    return min(failures.items(), key=lambda item: (item[1].exitcode != 2, item[1].exitcode == PeerStopped.exit_code,
                                                    item[1].timestamp, item[0]))
 
 
@@ -375,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: which process says it
         where = f" (process {os.environ.get('RANK')} of {world})" if world > 1 else ""
         print(f"combinekd: error{where}: {exc}", file=sys.stderr)
-        return PEER_STOPPED if isinstance(exc, PeerStopped) else 2
+        return exc.exit_code if isinstance(exc, PeerStopped) else 2
     except OSError as exc:  # unreadable / unwritable paths, full disk
         if isinstance(exc, BrokenPipeError):
             return 0

@@ -12,6 +12,8 @@ class PeerStopped(UserError):
     """This process of a several-process run stops because another one failed (whose error is the cause):
     exit code 3 instead of 2, so that a launcher can tell the cause from its consequences."""
 
+    exit_code = 3
+
 
 def warn(message: str) -> None:
     """One line on stderr about something the user should know, though the command goes on."""

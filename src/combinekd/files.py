@@ -42,6 +42,12 @@ def _staging_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
+def staged_pattern(name_pattern: str) -> str:
+    """The glob of what :func:`atomic_file` stages for targets named by ``name_pattern`` (a killed writer's
+    leftovers)."""
+    return _staging_prefix(Path(name_pattern)) + "*"
+
+
 def _old_prefix(target: Path) -> str:
     return f".{target.name}.old-"
 

@@ -435,14 +435,23 @@ def _summary(cfg: Config, meta: dict, state: TrainerState) -> dict:
     """What ``train`` returns and writes to ``train_summary.json``."""
     return {"steps": state.step, "best_step": state.best_step, "best_dev_bleu": state.best_bleu,
             "train_seconds": round(state.train_seconds, 1), "stopped_early": state.stopped_early,
-            "stopped_by": ("patience" if state.stopped_early else "max_hours" if state.out_of_time
-                           else "max_steps" if state.step >= cfg.train.max_steps else None),
+            "stopped_by": _stopped_by(cfg, state),
             "target_tokens_per_s": round(state.target_tokens / max(state.train_seconds, 1e-9), 1),
             "wall_seconds": {"training": round(state.train_seconds, 1),
                              "of_which_teacher_forward": _teacher_seconds(state),
                              "validation": round(state.validation_seconds, 1),
                              "saving_models_and_checkpoints": round(state.saving_seconds, 1)},
             "data": str(cfg.data_dir), "pairs": meta["splits"]["train"]["pairs"]}
+
+
+def _stopped_by(cfg: Config, state: TrainerState) -> str | None:
+    """Why the run stopped (None while it runs): early stopping, then its last update, then its time
+    budget, in the order ``_finished_run`` reports them."""
+    if state.stopped_early:
+        return "patience"
+    if state.step >= cfg.train.max_steps:
+        return "max_steps"
+    return "max_hours" if state.out_of_time else None
 
 
 def _teacher_seconds(state: TrainerState) -> float | None:
@@ -551,7 +560,7 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
 
         tqdm.write(f"step {state.step}: dev loss {scores['dev_loss']:.3f}, dev BLEU {scores['dev_bleu']:.2f}"
                    f"{' (best)' if improved else ''}")
-        if state.out_of_time and not state.stopped_early and state.step < cfg.train.max_steps:
+        if _stopped_by(cfg, state) == "max_hours":
             tqdm.write(f"stopping: the time budget is spent ({state.spent_hours():.2f} hours, train.max_hours="
                        f"{cfg.train.max_hours:g}); the best model is that of update {state.best_step}")
     rng_states = gather_object([rng_state()])  # every process's generators, for an exact resume
