@@ -4,10 +4,11 @@
 # scores are in results/h2h-d256.md), so the table is rebuilt around a new teacher, sequentially, for 2 CPU
 # cores: the 6+6 d256 teacher with dropout 0.3 (issue 6, item 3: the dropout-0.1 teacher's dev loss rose
 # after update 4,200 while its training loss fell, and it ended only 0.33 BLEU above the no-KD student);
-# its test scores and its checkpoint average; a 2+2 d128 CKD student with its CTranslate2 exports and the
-# deployment benchmark against the teacher (issue 9: d192 gave 2.40x, the target is 2.5x); the four 2+2
-# d256 students (PKD {3},{6}, CKD {1,2,3,4},{3,4,5,6}, word KD, no KD) and their table with paired
-# bootstrap (issue 6, item 5); the KD weightings on dev at d192, 1,500 updates each (item 4). Runs are
+# its test scores and its checkpoint average; the KD weightings compared on dev at d192, 1,500 updates each
+# (item 4), whose winner every KD student below trains with; the four 2+2 d256 students (PKD {3},{6}, CKD
+# {1,2,3,4},{3,4,5,6}, no KD, word KD) and their table with paired bootstrap (item 5); the CKD student's
+# CTranslate2 exports and deployment benchmark against the teacher; a 2+2 d128 CKD student with the same
+# (issue 9: d192 gave 2.40x, the target is 2.5x) and its bf16 benchmark. Runs are
 # averaged (RUN-avg) and both scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json). Every step is
 # skipped when done and resumed when interrupted, so after a session ends simply run it again (it first
 # waits for a training left running by an earlier driver):
@@ -66,26 +67,29 @@ benchmark() {  # benchmark RUNS_DIR OUT LOG MODEL... [--dtype D]: RUNS_DIR/OUT.{
   [ -f "$r/$out.json" ] || "$ckd" benchmark "$@" --data "$h/data" --threads 2 --limit 400 --rounds $rounds \
       --out "$r/$out" > "$r/$log.log" 2>&1
 }
-kd=(--set "distill.teacher=$teacher")
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-d03 --set model.dropout=0.3 || exit 1
 score "$teacher"; avg "$teacher"
-# issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
-train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
-deploy "$d128"; avg "$d128/student-ckd"
+# issue 6, item 4: the KD weights chosen on dev (d192 CKD students, 1,500 updates each); every KD student below
+# trains with the winner (kd_weights.sh's rule: the highest mean dev BLEU over the last two evaluations)
+NAMES="combinekd paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
+    bash "$here/experiments/kd_weights.sh" "$teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
+kd=(--set "distill.teacher=$teacher")
+for kv in $("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["best_sets"]))' \
+    "$runs/kd-weights/summary.json"); do kd+=(--set "$kv"); done
 # issue 6, item 5: the four d256 students and their table
 train "$runs" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
 score "$runs/student-pkd"; avg "$runs/student-pkd"
 train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
 score "$runs/student-ckd"; avg "$runs/student-ckd"
-train "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-score "$runs/student-word"; avg "$runs/student-word"
 train "$runs" student-nokd --set distill=null || exit 1
 score "$runs/student-nokd"; avg "$runs/student-nokd"
+train "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
+score "$runs/student-word"; avg "$runs/student-word"
 [ -f "$runs/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
     --out "$runs/h2h-d256" "no-KD=$runs/student-nokd/test.hyp.en" "word-KD=$runs/student-word/test.hyp.en" \
     "PKD=$runs/student-pkd/test.hyp.en" "CKD=$runs/student-ckd/test.hyp.en" "teacher=$teacher/test.hyp.en" \
     --versus teacher --versus word-KD --versus PKD
-# issue 6, item 4: KD weights on dev at 1,500 updates
-NAMES="combinekd paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
-    bash "$here/experiments/kd_weights.sh" "$teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
-deploy "$runs"; bf16 "$d128"
+deploy "$runs"
+# issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
+train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
+deploy "$d128"; avg "$d128/student-ckd"; bf16 "$d128"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # KD weights chosen on dev (issue 6, item 4): the CKD student of configs/student-cpu.yaml trained for
 # UPDATES updates (default 1,500) with each weighting, from the same converged teacher; prints the dev
-# BLEU curve of each (test sets are not looked at). One run at a time (2 cores); resumable.
+# BLEU curve of each (test sets are not looked at) and picks one. One run at a time (2 cores); resumable.
 #
 #   bash experiments/kd_weights.sh TEACHER_DIR DATA_DIR RUNS_DIR [UPDATES]
 #   e.g. bash experiments/kd_weights.sh ~/runs/h2h/teacher ~/runs/h2h/data ~/runs/kdw
@@ -9,7 +9,9 @@
 # NAMES="paper soft-heavy": only those weightings (default: all four). The learning-rate schedule does
 # not depend on train.max_steps, so the first UPDATES updates of a full run with the same config and
 # seed are the same run: a converged `combinekd` student's dev curve can stand in for its row
-# (REFERENCE="combinekd=RUN_DIR"). Writes RUNS/summary.md (dev BLEU at every evaluation, dev loss at the last).
+# (REFERENCE="combinekd=RUN_DIR"). Writes RUNS/summary.md (dev BLEU at every evaluation, dev loss at the last)
+# and RUNS/summary.json (the rows, the chosen weighting and its weights as --set arguments, which
+# experiments/h2h_queue.sh passes to its students).
 set -euo pipefail
 teacher=${1:?teacher dir}; data=${2:?data dir}; runs=${3:?runs dir}; updates=${4:-1500}
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,6 +56,19 @@ for name, weights, evals in rows:
     at = {e["step"]: e for e in evals}
     cells = [f"{at[s]['dev_bleu']:.2f}" if s in at else "" for s in steps]
     lines.append(f"| {name} | {weights} | " + " | ".join(cells) + f" | {evals[-1]['dev_loss']:.3f} |" if evals else f"| {name} | {weights} | |")
+# the winner, by a rule fixed before any run: the highest mean dev BLEU over the last two evaluations (at most
+# UPDATES), ties to the earlier row; RUNS/summary.json names it and its weights as --set arguments
+def last_two(evals):
+    return sum(e["dev_bleu"] for e in evals[-2:]) / len(evals[-2:]) if evals else float("-inf")
+best = max(rows, key=lambda row: last_two(row[2]))  # max keeps the first of equal rows
+lines.append(f"\nChosen (highest mean dev BLEU over the last two evaluations): **{best[0]}** ({best[1]}).")
 out.write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
+keys = ("w_hard", "w_soft", "w_layer")
+summary = {"updates": updates, "rule": "highest mean dev BLEU over the last two evaluations",
+           "rows": [{"name": name, **dict(zip(keys, map(float, weights.split(" / ")))), "evals": evals,
+                     "score": last_two(evals)} for name, weights, evals in rows],
+           "best": best[0],
+           "best_sets": [f"distill.{key}={value}" for key, value in zip(keys, best[1].split(" / "))]}
+out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 PY
