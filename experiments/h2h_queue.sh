@@ -4,12 +4,14 @@
 # scores are in results/h2h-d256.md), so the table is rebuilt around a new teacher, sequentially, for 2 CPU
 # cores: the 6+6 d256 teacher with dropout 0.3 (issue 6, item 3: the dropout-0.1 teacher's dev loss rose
 # after update 4,200 while its training loss fell, and it ended only 0.33 BLEU above the no-KD student);
-# its test scores and its checkpoint average; the KD weightings compared on dev at d192, 1,500 updates each
+# its checkpoint average; the KD weightings compared on dev at d192, 1,500 updates each
 # (item 4), whose winner every KD student below trains with; the four 2+2 d256 students (PKD {3},{6}, CKD
 # {1,2,3,4},{3,4,5,6}, no KD, word KD) and their table with paired bootstrap (item 5); the CKD student's
 # CTranslate2 exports and deployment benchmark against the teacher; a 2+2 d128 CKD student with the same
-# (issue 9: d192 gave 2.40x, the target is 2.5x) and its bf16 benchmark. Runs are
-# averaged (RUN-avg) and both scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json). Every step is
+# (issue 9: d192 gave 2.40x, the target is 2.5x) and its bf16 benchmark. Every run is averaged (RUN-avg,
+# its last six evaluated models) and both are scored on dev at beam 5 (RUN/dev.json, RUN-avg/dev.json); the
+# better of the two on dev stands for the run from then on (`pick`: the teacher the students learn from, the
+# rows of the table, the benchmarked models), and only it is scored on test. Every step is
 # skipped when done and resumed when interrupted, so after a session ends simply run it again (it first
 # waits for a training left running by an earlier driver):
 #
@@ -23,7 +25,7 @@
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
 code=${CODE:-$here}; h=${H2H:-$HOME/runs/h2h}
-teacher=$h/teacher-d03; runs=$h/d03; d128=$h/d03-d128
+runs=$h/d03; d128=$h/d03-d128
 deploy_code=${DEPLOY_CODE:-$code}; rounds=${ROUNDS:-3}  # the code (and benchmark rounds) of the deploy steps
 corpus=${CORPUS:-$here/../shared/data/bible/pt-en}
 export PYTHONPATH=$code/src CKD=$here/.venv/bin/combinekd PY=$here/.venv/bin/python
@@ -51,16 +53,25 @@ avg() {  # avg MODEL_DIR: the mean of its kept models (MODEL_DIR-avg, `combinekd
   [ -d "$m-avg" ] || "$ckd" average "$m" --out "$m-avg" || return 0  # (a run of older code kept none)
   score "$m" dev; score "$m-avg" dev
 }
+pick() {  # pick MODEL_DIR: prints the model that stands for the run, chosen on dev (avg first): MODEL_DIR-avg
+  # when its dev BLEU at beam 5 is higher, else MODEL_DIR (the best checkpoint); every model of the tables
+  local m=$1  # and benchmarks, the teacher of the students included, is chosen so; test is scored after
+  "$PY" -c 'import json, sys; best, mean = (json.load(open(f"{d}/dev.json"))["bleu"] for d in sys.argv[1:])
+print(sys.argv[2] if mean > best else sys.argv[1])' "$m" "$m-avg" 2>/dev/null || echo "$m"
+}
+student() {  # student RUNS_DIR NAME --set ...: trained, averaged, the better of the two on dev scored on test
+  train "$@" || return 1; avg "$1/$2"; score "$(pick "$1/$2")"; echo "$1/$2: stands for it: $(pick "$1/$2")"
+}
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src
-  score "$r/student-ckd"
+  local m; m=$(pick "$r/student-ckd"); score "$m"
   for q in float32 int8; do
-    [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$r/student-ckd" --out "$r/student-ckd-ct2-$q" --quantization $q
+    [ -d "$r/student-ckd-ct2-$q" ] || "$ckd" export "$m" --out "$r/student-ckd-ct2-$q" --quantization $q
   done
-  benchmark "$r" benchmark-pt-en benchmark "$teacher" "$r/student-ckd" "$r/student-ckd-ct2-float32" "$r/student-ckd-ct2-int8"
+  benchmark "$r" benchmark-pt-en benchmark "$teacher" "$m" "$r/student-ckd-ct2-float32" "$r/student-ckd-ct2-int8"
 }
-bf16() {  # bf16 RUNS_DIR: teacher and RUNS_DIR/student-ckd benchmarked again with bf16 weights (AMX)
-  benchmark "$1" benchmark-pt-en-bf16 benchmark-bf16 "$teacher" "$1/student-ckd" --dtype bfloat16
+bf16() {  # bf16 RUNS_DIR: teacher and RUNS_DIR/student-ckd (as picked) benchmarked again with bf16 weights (AMX)
+  benchmark "$1" benchmark-pt-en-bf16 benchmark-bf16 "$teacher" "$(pick "$1/student-ckd")" --dtype bfloat16
 }
 benchmark() {  # benchmark RUNS_DIR OUT LOG MODEL... [--dtype D]: RUNS_DIR/OUT.{md,json,png} unless done (log RUNS_DIR/LOG.log)
   local r=$1 out=$2 log=$3; shift 3; local -x PYTHONPATH=$deploy_code/src
@@ -68,7 +79,8 @@ benchmark() {  # benchmark RUNS_DIR OUT LOG MODEL... [--dtype D]: RUNS_DIR/OUT.{
       --out "$r/$out" > "$r/$log.log" 2>&1
 }
 CONFIG=configs/teacher-cpu.yaml train "$h" teacher-d03 --set model.dropout=0.3 || exit 1
-score "$teacher"; avg "$teacher"
+avg "$h/teacher-d03"; teacher=$(pick "$h/teacher-d03"); score "$teacher"
+echo "teacher: $teacher"
 # issue 6, item 4: the KD weights chosen on dev (d192 CKD students, 1,500 updates each); every KD student below
 # trains with the winner (kd_weights.sh's rule: the highest mean dev BLEU over the last two evaluations)
 NAMES="combinekd paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
@@ -77,19 +89,17 @@ kd=(--set "distill.teacher=$teacher")
 for kv in $("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["best_sets"]))' \
     "$runs/kd-weights/summary.json"); do kd+=(--set "$kv"); done
 # issue 6, item 5: the four d256 students and their table
-train "$runs" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
-score "$runs/student-pkd"; avg "$runs/student-pkd"
-train "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
-score "$runs/student-ckd"; avg "$runs/student-ckd"
-train "$runs" student-nokd --set distill=null || exit 1
-score "$runs/student-nokd"; avg "$runs/student-nokd"
-train "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
-score "$runs/student-word"; avg "$runs/student-word"
+student "$runs" student-pkd "${kd[@]}" --set distill.encoder.strategy=skip || exit 1
+student "$runs" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap || exit 1
+student "$runs" student-nokd --set distill=null || exit 1
+student "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
 [ -f "$runs/h2h-d256.json" ] || PYTHONPATH=$deploy_code/src "$PY" "$here/experiments/h2h_table.py" --data "$h/data" \
-    --out "$runs/h2h-d256" "no-KD=$runs/student-nokd/test.hyp.en" "word-KD=$runs/student-word/test.hyp.en" \
-    "PKD=$runs/student-pkd/test.hyp.en" "CKD=$runs/student-ckd/test.hyp.en" "teacher=$teacher/test.hyp.en" \
+    --out "$runs/h2h-d256" "no-KD=$(pick "$runs/student-nokd")/test.hyp.en" \
+    "word-KD=$(pick "$runs/student-word")/test.hyp.en" "PKD=$(pick "$runs/student-pkd")/test.hyp.en" \
+    "CKD=$(pick "$runs/student-ckd")/test.hyp.en" "teacher=$teacher/test.hyp.en" \
     --versus teacher --versus word-KD --versus PKD
 deploy "$runs"
 # issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
-train "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 --set model.ffn_dim=512 || exit 1
-deploy "$d128"; avg "$d128/student-ckd"; bf16 "$d128"
+student "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 \
+    --set model.ffn_dim=512 || exit 1
+deploy "$d128"; bf16 "$d128"
