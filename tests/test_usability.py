@@ -463,3 +463,18 @@ def test_every_readme_command_runs_as_written(tmp_path):
             if args.command == "distill-data":
                 made.add(args.out)
     assert {"data", "prepare", "train", "evaluate", "compare", "translate"} <= ran
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    """Every config in configs/ loads with the schema of this version (no stale or misspelt key), and so
+    does every `--set KEY=VALUE` its comments offer (each of the values in `KEY=a|b|c`)."""
+    load_config(path)
+    offered = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            for key, values in re.findall(r"--set ([\w.]+)=([^\s`)]+)", line):
+                for value in values.split("|"):
+                    load_config(path, [f"{key}={value}"])
+                    offered += 1
+    assert path.name != "student-cpu.yaml" or offered >= 8  # its comments list the methods, one line each
