@@ -53,14 +53,16 @@ avg() {  # avg MODEL_DIR: the mean of its kept models (MODEL_DIR-avg, `combinekd
   [ -d "$m-avg" ] || "$ckd" average "$m" --out "$m-avg" || return 0  # (a run of older code kept none)
   score "$m" dev; score "$m-avg" dev
 }
-pick() {  # pick MODEL_DIR: prints the model that stands for the run, chosen on dev (avg first): MODEL_DIR-avg
-  # when its dev BLEU at beam 5 is higher, else MODEL_DIR (the best checkpoint); every model of the tables
-  local m=$1  # and benchmarks, the teacher of the students included, is chosen so; test is scored after
+# pick MODEL_DIR: prints the model that stands for the run, chosen on dev (avg first): MODEL_DIR-avg when its
+# dev BLEU at beam 5 is higher, else MODEL_DIR (the best checkpoint). Every model of the tables and benchmarks,
+# the teacher of the students included, is chosen so; test is scored after.
+pick() {
+  local m=$1
   "$PY" -c 'import json, sys; best, mean = (json.load(open(f"{d}/dev.json"))["bleu"] for d in sys.argv[1:])
 print(sys.argv[2] if mean > best else sys.argv[1])' "$m" "$m-avg" 2>/dev/null || echo "$m"
 }
 student() {  # student RUNS_DIR NAME --set ...: trained, averaged, the better of the two on dev scored on test
-  train "$@" || return 1; avg "$1/$2"; score "$(pick "$1/$2")"; echo "$1/$2: stands for it: $(pick "$1/$2")"
+  local m; train "$@" || return 1; avg "$1/$2"; m=$(pick "$1/$2"); score "$m"; echo "$1/$2: stands for it: $m"
 }
 deploy() {  # deploy RUNS_DIR: test scores, CTranslate2 exports and the benchmark of RUNS_DIR/student-ckd
   local r=$1; local -x PYTHONPATH=$deploy_code/src

@@ -43,32 +43,32 @@ import json, sys
 from pathlib import Path
 import yaml
 out, updates, rows = Path(sys.argv[1]), int(sys.argv[2]), []
+keys = ("w_hard", "w_soft", "w_layer")
 for arg in sys.argv[3:]:
     name, run = arg.split("=", 1)
     evals = [e for e in map(json.loads, open(Path(run) / "train_log.jsonl")) if "dev_bleu" in e and e["step"] <= updates]
     distill = yaml.safe_load((Path(run) / "train_config.yaml").read_text())["distill"]  # weights resolved from the preset
-    weights = " / ".join(str(distill[key]) for key in ("w_hard", "w_soft", "w_layer"))
-    rows.append((name, weights, evals))
+    rows.append((name, {key: distill[key] for key in keys}, evals))
+def shown(weights):
+    return " / ".join(str(weights[key]) for key in keys)
 steps = sorted({e["step"] for _, _, evals in rows for e in evals})
 lines = ["| weighting | w_hard / w_soft / w_layer | " + " | ".join(f"dev BLEU @{s}" for s in steps) + " | dev loss @last |",
          "|---|---|" + "---:|" * (len(steps) + 1)]
 for name, weights, evals in rows:
     at = {e["step"]: e for e in evals}
     cells = [f"{at[s]['dev_bleu']:.2f}" if s in at else "" for s in steps]
-    lines.append(f"| {name} | {weights} | " + " | ".join(cells) + f" | {evals[-1]['dev_loss']:.3f} |" if evals else f"| {name} | {weights} | |")
+    lines.append(f"| {name} | {shown(weights)} | " + " | ".join(cells) + f" | {evals[-1]['dev_loss']:.3f} |" if evals
+                 else f"| {name} | {shown(weights)} | |")
 # the winner, by a rule fixed before any run: the highest mean dev BLEU over the last two evaluations (at most
 # UPDATES), ties to the earlier row; RUNS/summary.json names it and its weights as --set arguments
 def last_two(evals):
     return sum(e["dev_bleu"] for e in evals[-2:]) / len(evals[-2:]) if evals else float("-inf")
 best = max(rows, key=lambda row: last_two(row[2]))  # max keeps the first of equal rows
-lines.append(f"\nChosen (highest mean dev BLEU over the last two evaluations): **{best[0]}** ({best[1]}).")
+lines.append(f"\nChosen (highest mean dev BLEU over the last two evaluations): **{best[0]}** ({shown(best[1])}).")
 out.write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
-keys = ("w_hard", "w_soft", "w_layer")
 summary = {"updates": updates, "rule": "highest mean dev BLEU over the last two evaluations",
-           "rows": [{"name": name, **dict(zip(keys, map(float, weights.split(" / ")))), "evals": evals,
-                     "score": last_two(evals)} for name, weights, evals in rows],
-           "best": best[0],
-           "best_sets": [f"distill.{key}={value}" for key, value in zip(keys, best[1].split(" / "))]}
+           "rows": [{"name": name, **weights, "evals": evals, "score": last_two(evals)} for name, weights, evals in rows],
+           "best": best[0], "best_sets": [f"distill.{key}={value}" for key, value in best[1].items()]}
 out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 PY
