@@ -18,8 +18,8 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 ckd="${CKD:-$here/.venv/bin/combinekd}"
 mkdir -p "$runs"
 declare -A weights=(
-    [combinekd]="distill.weights=combinekd"                                   # 0.5 / 0.5 / 1.0 (default)
-    [paper]="distill.weights=paper"                                           # 0.1 / 0.2 / 0.7
+    [combinekd]="distill.weights=combinekd"                                   # 0.5 / 0.5 / 1.0 (default until 2026-12-05)
+    [paper]="distill.weights=paper"                                           # 0.1 / 0.2 / 0.7 (default since)
     [soft-heavy]="distill.w_hard=0.2 distill.w_soft=0.8 distill.w_layer=1.0"
     [layer-light]="distill.w_hard=0.5 distill.w_soft=0.5 distill.w_layer=0.1"
 )

@@ -221,8 +221,8 @@ def test_weight_presets_fill_only_missing_weights():
     default = load_config(None, ["distill.teacher=t"], base=base).distill
     from combinekd.config import WEIGHT_PRESETS
 
-    assert default.weights == "combinekd"
-    assert {k: getattr(default, k) for k in WEIGHT_PRESETS["combinekd"]} == WEIGHT_PRESETS["combinekd"]
+    assert default.weights == "paper"
+    assert {k: getattr(default, k) for k in WEIGHT_PRESETS["paper"]} == WEIGHT_PRESETS["paper"]
     # a saved config (weights written out) loads back to the same weights
     assert load_config(None, [f"distill.{k}={v}" for k, v in paper.distill.model_dump(mode="json").items()
                               if k.startswith("w_")] + ["distill.teacher=t"], base=base).distill.w_soft == 0.9
