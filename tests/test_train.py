@@ -311,3 +311,23 @@ def test_dev_loss_is_the_models_cross_entropy_per_target_token(trained_model, da
         logits = model.eval()(**batch, decoder_input_ids=decoder_input_ids(model, labels)).logits
     expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels)
     assert scores["dev_loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(data_dir, tmp_path, monkeypatch, capsys, bf16):
+    import platform
+
+    import torch.cpu
+
+    from combinekd.models import slow_bf16_warning
+
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert "neither AVX-512 BF16 nor AMX" in slow_bf16_warning("cpu") and slow_bf16_warning("cuda") is None
+    train(tiny_config(data_dir, tmp_path / "run", **{"train.bf16": bf16, "train.max_steps": 2, "train.eval_every": 2}))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
+    assert warned == (["combinekd: warning: train.bf16 on, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 is "
+                       "emulated and usually slower than fp32 here: consider --set train.bf16=false"] if bf16 else [])
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX (or AVX-512 BF16): no warning
+    assert slow_bf16_warning("cpu") is None

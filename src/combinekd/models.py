@@ -29,6 +29,23 @@ def preferred_attention(attention_maps: bool = False) -> str:
     return "eager" if attention_maps or not torch.cuda.is_available() else "sdpa"
 
 
+def slow_bf16_warning(device: torch.device | str) -> str | None:
+    """Why bf16 may slow this run down, or None: on an x86 CPU without bf16 instructions (neither AVX-512
+    BF16 nor AMX) PyTorch emulates bf16 and autocast is usually slower than fp32 (PyTorch's AMP notes;
+    pytorch/pytorch#86550, #118499). With them it pays: combinekd's training step 2.1x fp32 on an AVX-512 BF16
+    CPU (results/speed-2026-12-05.md), bf16 decoding 1.6-2.0x on AMX. Other CPU architectures: no opinion."""
+    import platform
+
+    import torch.cpu as cpu
+
+    if torch.device(device).type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if None in checks or any(check() for check in checks):  # (a torch without the checks: no opinion)
+        return None
+    return "this CPU has neither AVX-512 BF16 nor AMX, so bf16 is emulated and usually slower than fp32 here"
+
+
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
     """A randomly initialised encoder-decoder Transformer with tied, shared source/target embeddings.
 

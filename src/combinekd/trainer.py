@@ -26,9 +26,10 @@ from combinekd.average import keep_model
 from combinekd.config import Config, dump_config
 from combinekd.data import (Split, check_writable, collate, load_split, load_tokenizer, read_meta, split_text,
                             token_batches)
-from combinekd.errors import PeerStopped, UserError
+from combinekd.errors import PeerStopped, UserError, warn
 from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
+from combinekd.models import slow_bf16_warning
 
 
 class BatchStream:
@@ -314,6 +315,11 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     if rank:  # but each process its own dropout; process 0 goes on from cfg.seed, as a single process does
         set_seed(cfg.seed + rank)
     student = objective.student
+    # (after the objective: its user errors come first, alone)
+    bf16 = [key for key, on in (("train.bf16", cfg.train.bf16),
+                                ("distill.teacher_bf16", cfg.distill and cfg.distill.teacher_bf16)) if on]
+    if bf16 and rank == 0 and (why := slow_bf16_warning(accelerator.device)):
+        warn(f"{' and '.join(bf16)} on, but {why}: consider " + " ".join(f"--set {key}=false" for key in bf16))
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.train.weight_decay)
     scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=cfg.train.warmup_steps)
