@@ -331,3 +331,29 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(data_dir, tmp_p
                        "emulated and usually slower than fp32 here: consider --set train.bf16=false"] if bf16 else [])
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX (or AVX-512 BF16): no warning
     assert slow_bf16_warning("cpu") is None
+
+
+def test_a_bf16_teacher_and_bf16_decoding_are_warned_about_too(data_dir, tmp_path, monkeypatch, capsys):
+    """The other two bf16 switches on such a CPU: distill.teacher_bf16 (train.bf16 off) and --dtype bfloat16."""
+    import platform
+
+    import torch.cpu
+
+    from combinekd.engines import load_translator
+    from conftest import save_random_model
+
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    teacher = save_random_model(data_dir, tmp_path / "teacher", seed=1, encoder_layers=2, decoder_layers=1,
+                                d_model=64, ffn_dim=128, heads=4)
+    train(tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 2, "train.eval_every": 2,
+                                                      "distill.teacher": str(teacher), "distill.teacher_bf16": True}))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
+    assert len(warned) == 1 and "distill.teacher_bf16 on" in warned[0] and "train.bf16" not in warned[0], warned
+    assert warned[0].endswith("consider --set distill.teacher_bf16=false")
+    for dtype in ("float32", "bfloat16"):
+        load_translator(teacher, dtype)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
+    assert warned == ["combinekd: warning: --dtype bfloat16, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 "
+                      "is emulated and usually slower than fp32 here: consider --dtype float32"]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from combinekd.errors import UserError
+from combinekd.errors import UserError, warn
 
 EXPORT_INFO = "combinekd_export.json"
 # CTranslate2's beam search stops once `beam` hypotheses have ended (patience 1); transformers' (no
@@ -55,12 +55,15 @@ class HFTranslator:
     def __init__(self, path: str | Path, dtype: str = "float32"):
         import torch
 
-        from combinekd.models import count_parameters, input_limit, load_model_dir
+        from combinekd.models import count_parameters, input_limit, load_model_dir, slow_bf16_warning
 
         self.path = Path(path)
         self.precision = dtype
         self.model, self.tokenizer = load_model_dir(path)
-        self.model.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, dtype))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "bfloat16" and (why := slow_bf16_warning(device)):
+            warn(f"--dtype bfloat16, but {why}: consider --dtype float32")
+        self.model.to(device=device, dtype=getattr(torch, dtype))
         self.params = count_parameters(self.model)
         self.max_positions = input_limit(self.model, self.tokenizer)  # None: no limit (T5)
         self.size = _size_on_disk(self.path / "model.safetensors") if (self.path / "model.safetensors").is_file() \
