@@ -355,5 +355,8 @@ def test_a_bf16_teacher_and_bf16_decoding_are_warned_about_too(data_dir, tmp_pat
     for dtype in ("float32", "bfloat16"):
         load_translator(teacher, dtype)
     warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
-    assert warned == ["combinekd: warning: --dtype bfloat16, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 "
+    assert main(["benchmark", str(teacher), "--data", str(data_dir), "--limit", "2", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "bench")]) == 0
+    warned += [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
+    assert warned == 2 * ["combinekd: warning: --dtype bfloat16, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 "
                       "is emulated and usually slower than fp32 here: consider --dtype float32"]

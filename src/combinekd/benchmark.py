@@ -85,13 +85,15 @@ def benchmark(model_dirs: Sequence[str | Path], data_dir: str | Path, split: str
     in ``dtype`` (CTranslate2 models keep their export's precision); ``rounds`` times, the models in
     turn in each round (see :func:`combine_rounds`)."""
     from combinekd.data import read_meta
-    from combinekd.engines import check_translator_dir
+    from combinekd.engines import check_translator_dir, is_ct2_dir, warn_slow_dtype
 
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
         raise UserError(f"{data_dir} has no split `{split}` (it has {', '.join(meta['splits'])})")
     for model_dir in model_dirs:
         check_translator_dir(model_dir)
+    if not all(is_ct2_dir(model_dir) for model_dir in model_dirs):
+        warn_slow_dtype(dtype)  # once here, not in every measuring process
     threads = threads or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")
     measured: list[list[dict]] = [[] for _ in model_dirs]

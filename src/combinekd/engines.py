@@ -55,15 +55,12 @@ class HFTranslator:
     def __init__(self, path: str | Path, dtype: str = "float32"):
         import torch
 
-        from combinekd.models import count_parameters, input_limit, load_model_dir, slow_bf16_warning
+        from combinekd.models import count_parameters, input_limit, load_model_dir
 
         self.path = Path(path)
         self.precision = dtype
         self.model, self.tokenizer = load_model_dir(path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "bfloat16" and (why := slow_bf16_warning(device)):
-            warn(f"--dtype bfloat16, but {why}: consider --dtype float32")
-        self.model.to(device=device, dtype=getattr(torch, dtype))
+        self.model.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, dtype))
         self.params = count_parameters(self.model)
         self.max_positions = input_limit(self.model, self.tokenizer)  # None: no limit (T5)
         self.size = _size_on_disk(self.path / "model.safetensors") if (self.path / "model.safetensors").is_file() \
@@ -154,11 +151,22 @@ class CT2Translator:
         return hyps
 
 
+def warn_slow_dtype(dtype: str) -> None:
+    """One warning line when ``--dtype bfloat16`` is likely slower than float32 here (models.slow_bf16_warning)."""
+    import torch
+
+    from combinekd.models import slow_bf16_warning
+
+    if dtype == "bfloat16" and (why := slow_bf16_warning("cuda" if torch.cuda.is_available() else "cpu")):
+        warn(f"--dtype bfloat16, but {why}: consider --dtype float32")
+
+
 def load_translator(path: str | Path, dtype: str = "float32"):
     """The engine for ``path``: :class:`CT2Translator` for a CTranslate2 dir, else :class:`HFTranslator`
     with its weights in ``dtype`` (a CTranslate2 model's precision was fixed by its export)."""
     check_translator_dir(path)
     if not is_ct2_dir(path):
+        warn_slow_dtype(dtype)
         return HFTranslator(path, dtype)
     if dtype != "float32":
         raise UserError(f"{path} is a CTranslate2 model: its precision was chosen when it was exported "
