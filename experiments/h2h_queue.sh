@@ -86,7 +86,7 @@ echo "teacher: $teacher"
 # issue 6, item 4: the KD weights chosen on dev (d192 CKD students, 1,500 updates each); every KD student below
 # trains with the winner (kd_weights.sh's rule: the highest mean dev BLEU over the last two evaluations)
 NAMES="combinekd paper soft-heavy layer-light" SET="model.d_model=192 model.ffn_dim=768" \
-    bash "$here/experiments/kd_weights.sh" "$teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
+    bash "$code/experiments/kd_weights.sh" "$teacher" "$h/data" "$runs/kd-weights" 1500 || exit 1
 [ -f "$runs/kd-weights/summary.json" ] || exit 1
 kd=(--set "distill.teacher=$teacher")
 for kv in $("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["best_sets"]))' \
