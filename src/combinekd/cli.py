@@ -363,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_after_the_cause(code: int) -> None:
+    """End a process that stopped because another failed: a few seconds after the failing one has ended,
+    so that the launcher, which reports the processes that have ended when it first sees one fail, sees
+    the cause (exit 2) and not only this consequence; and without the interpreter's teardown, in which
+    gloo's half-closed connection threads can abort the process (exit -6 instead of 3)."""
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(3)
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -373,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: which process says it
         where = f" (process {os.environ.get('RANK')} of {world})" if world > 1 else ""
         print(f"combinekd: error{where}: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, PeerStopped) else 2
+        if isinstance(exc, PeerStopped):
+            _exit_after_the_cause(exc.exit_code)
+        return 2
     except OSError as exc:  # unreadable / unwritable paths, full disk
         if isinstance(exc, BrokenPipeError):
             return 0
