@@ -121,6 +121,21 @@ def test_early_stopping(data_dir, tmp_path):
     assert summary["stopped_early"] and summary["steps"] == 6
 
 
+def test_a_larger_patience_resumes_an_early_stopped_run_exactly(data_dir, tmp_path, capsys):
+    # the best dev BLEU comes at the first evaluation (lr ~0): patience 2 stops at 6, patience 4 at 10
+    sets = {"train.lr": 1e-12, "train.max_steps": 100, "train.eval_every": 2}
+    straight = train(tiny_config(data_dir, tmp_path / "a", **sets, **{"train.patience": 4}))
+    assert straight["stopped_early"] and straight["steps"] == 10
+    assert train(tiny_config(data_dir, tmp_path / "b", **sets, **{"train.patience": 2}))["steps"] == 6
+    assert train(tiny_config(data_dir, tmp_path / "b", **sets, **{"train.patience": 2}), resume=True)["steps"] == 6
+    assert "raise train.patience to train on" in capsys.readouterr().err
+    resumed = train(tiny_config(data_dir, tmp_path / "b", **sets, **{"train.patience": 4}), resume=True)
+    assert resumed["stopped_early"] and resumed["steps"] == 10
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_time_budget_stops_at_an_evaluation_and_a_larger_one_resumes_exactly(data_dir, tmp_path, capsys):
     straight = tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 12, "train.eval_every": 6})
     train(straight)

@@ -468,16 +468,17 @@ def _teacher_seconds(state: TrainerState) -> float | None:
 
 def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
     """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, reached
-    ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising either trains on)."""
+    ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising any of the three, or
+    ``cfg.train.patience``, trains on)."""
     file = last / "trainer_state.json"
     if not file.is_file():
         return None  # load_checkpoint says what is missing
     state = TrainerState()
     state.load_state_dict(json.loads(file.read_text(encoding="utf-8"))["progress"])
     where = last.parent.parent
-    if state.stopped_early:
+    if state.stopped_early and cfg.train.patience and state.bad_evals >= cfg.train.patience:
         return (f"the run in {where} stopped early at update {state.step} ({state.bad_evals} evaluations "
-                f"without a better dev BLEU): nothing to resume", state)
+                f"without a better dev BLEU): nothing to resume; raise train.patience to train on", state)
     if state.step >= cfg.train.max_steps:
         return (f"the run in {where} already finished ({state.step} updates, train.max_steps="
                 f"{cfg.train.max_steps}): nothing to resume; raise train.max_steps to train on", state)
