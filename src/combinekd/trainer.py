@@ -320,8 +320,11 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
                                 ("distill.teacher_bf16", cfg.distill and cfg.distill.teacher_bf16)) if on]
     if bf16 and rank == 0 and (why := slow_bf16_warning(accelerator.device)):
         warn(f"{' and '.join(bf16)} on, but {why}: consider " + " ".join(f"--set {key}=false" for key in bf16))
+    # fused: one kernel over all parameters, as Seq2SeqTrainer's default on torch >= 2.8: 5-7 ms against 19-21 ms
+    # an update for 12.6M parameters on 2 CPU threads; end to end within noise there (results/speed-2026-12-06.md)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                  betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.train.weight_decay)
+                                  betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.train.weight_decay,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=cfg.train.warmup_steps)
     model, optimizer = accelerator.prepare(objective, optimizer)
     objective.to(accelerator.device)
