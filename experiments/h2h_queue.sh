@@ -104,9 +104,10 @@ student "$runs" student-word "${kd[@]}" --set distill.w_layer=0 || exit 1
     --versus teacher --versus word-KD --versus PKD
 deploy "$runs"
 # issue 6, item 5 at equal budgets (before the d128 student since 2026-12-06: the issue's question first): the
-# CKD student stopped by patience at update 4,800 (best 3,300) while the PKD student ran to train.max_steps (12,000, never 5 evaluations without a better dev BLEU). A copy of the CKD
-# run trains on to 12,000 without early stopping (raising train.patience resumes exactly), averaged, picked
-# and scored like every row: a second comparison beside the protocol's table, which stays as it is.
+# CKD student stopped by patience at update 4,800 (best 3,300) while the PKD student ran to train.max_steps
+# (12,000, never 5 evaluations without a better dev BLEU). A copy of the CKD run trains on to 12,000 without
+# early stopping (raising train.patience resumes exactly), averaged, picked and scored like every row: a
+# second comparison beside the protocol's table, which stays as it is.
 ext=$runs/student-ckd-12k
 if [ ! -d "$ext" ]; then
   rm -rf "$ext.part" && cp -a "$runs/student-ckd" "$ext.part" || exit 1

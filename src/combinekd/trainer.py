@@ -471,8 +471,8 @@ def _teacher_seconds(state: TrainerState) -> float | None:
 
 def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
     """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, reached
-    ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising any of the three, or
-    ``cfg.train.patience``, trains on)."""
+    ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising ``cfg.train.patience``, the
+    steps or the hours, whichever ended it, trains on)."""
     file = last / "trainer_state.json"
     if not file.is_file():
         return None  # load_checkpoint says what is missing
