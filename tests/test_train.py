@@ -121,6 +121,21 @@ def test_early_stopping(data_dir, tmp_path):
     assert summary["stopped_early"] and summary["steps"] == 6
 
 
+@pytest.mark.parametrize("patience_on, steps", [("bleu", 6), ("bleu-or-loss", 12)])
+def test_patience_counts_a_falling_dev_loss_as_progress_unless_told_bleu_only(data_dir, tmp_path, patience_on,
+                                                                               steps):
+    # 12 warm-up updates of a tiny model: dev BLEU stays where it started while the dev loss falls at every
+    # evaluation; counted on BLEU alone, patience 2 stops after the third evaluation
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 12, "train.eval_every": 2,
+                                                     "train.patience": 2, "train.patience_on": patience_on})
+    summary = train(cfg)
+    assert summary["steps"] == steps and summary["stopped_early"] == (patience_on == "bleu")
+    evals = [json.loads(line) for line in (tmp_path / "run/train_log.jsonl").read_text().splitlines()
+             if "dev_bleu" in line]
+    assert len({e["dev_bleu"] for e in evals}) == 1, "premise: dev BLEU never improves after the first evaluation"
+    assert all(b["dev_loss"] < a["dev_loss"] * (1 - 1e-3) for a, b in zip(evals, evals[1:])), "premise: loss falls"
+
+
 def test_a_larger_patience_resumes_an_early_stopped_run_exactly(data_dir, tmp_path, capsys):
     # the best dev BLEU comes at the first evaluation (lr ~0): patience 2 stops at 6, patience 4 at 10
     sets = {"train.lr": 1e-12, "train.max_steps": 100, "train.eval_every": 2}

@@ -98,7 +98,12 @@ class TrainConfig(_Strict):
     eval_max_sentences: int = Field(0, ge=0, description="0 = the whole dev set")
     eval_batch_size: int = Field(32, ge=1, description="sentences per decoding batch for the dev BLEU "
                                  "(larger is faster on a GPU)")
-    patience: int = Field(0, ge=0, description="stop after N evaluations without a better dev BLEU; 0 = never")
+    patience: int = Field(0, ge=0, description="stop after N evaluations in a row that improved nothing "
+                          "(see patience_on); 0 = never")
+    patience_on: Literal["bleu-or-loss", "bleu"] = Field(
+        "bleu-or-loss", description="what counts as an improvement for patience: a better dev BLEU or a dev loss "
+        "at least 0.1% below the lowest so far (bleu-or-loss), or a better dev BLEU only (bleu). The best model is "
+        "always the one with the best dev BLEU")
     max_hours: float = Field(0.0, ge=0.0, description="time budget: stop at the first evaluation after the run has "
                              "spent this many hours training, validating and saving (summed over resumed sessions); "
                              "its best model so far is the result, and resuming with a larger budget trains on; "

@@ -10,6 +10,7 @@ the KD maths. Where the run stands is one :class:`TrainerState`, saved with ever
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -30,6 +31,9 @@ from combinekd.errors import PeerStopped, UserError, warn
 from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
 from combinekd.models import slow_bf16_warning
+
+# train.patience_on=bleu-or-loss: a dev loss this fraction below the lowest so far counts as an improvement
+LOSS_IMPROVEMENT = 1e-3
 
 
 class BatchStream:
@@ -83,7 +87,8 @@ class TrainerState:
     step: int = 0
     best_bleu: float = -1.0
     best_step: int = 0
-    bad_evals: int = 0  # evaluations in a row without a better dev BLEU (train.patience)
+    best_loss: float | None = None  # the lowest dev loss so far (train.patience_on)
+    bad_evals: int = 0  # evaluations in a row that improved nothing (train.patience, train.patience_on)
     bad_steps: int = 0  # updates in a row with a non-finite loss (train.max_bad_steps)
     target_tokens: int = 0
     train_seconds: float = 0.0
@@ -480,8 +485,8 @@ def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
     state.load_state_dict(json.loads(file.read_text(encoding="utf-8"))["progress"])
     where = last.parent.parent
     if state.stopped_early and cfg.train.patience and state.bad_evals >= cfg.train.patience:
-        return (f"the run in {where} stopped early at update {state.step} ({state.bad_evals} evaluations "
-                f"without a better dev BLEU): nothing to resume; raise train.patience to train on", state)
+        return (f"the run in {where} stopped early at update {state.step} ({state.bad_evals} evaluations in a row "
+                f"that improved nothing): nothing to resume; raise train.patience to train on", state)
     if state.step >= cfg.train.max_steps:
         return (f"the run in {where} already finished ({state.step} updates, train.max_steps="
                 f"{cfg.train.max_steps}): nothing to resume; raise train.max_steps to train on", state)
@@ -550,14 +555,16 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
         scores = validate(accelerator.unwrap_model(model).student, tokenizer, dev, dev_text, cfg, autocast)
         state.validation_seconds += time.perf_counter() - start
         improved = scores["dev_bleu"] > state.best_bleu
+        lower_loss = state.best_loss is None or scores["dev_loss"] < state.best_loss * (1 - LOSS_IMPROVEMENT)
+        state.best_loss = min(scores["dev_loss"], math.inf if state.best_loss is None else state.best_loss)
         if improved:
-            state.best_bleu, state.best_step, state.bad_evals = scores["dev_bleu"], state.step, 0
+            state.best_bleu, state.best_step = scores["dev_bleu"], state.step
             saving = time.perf_counter()
             save_model_dir(student, tokenizer, out)
             (out / SCORES_FILE).unlink(missing_ok=True)  # evaluations of the model this one replaces
             state.saving_seconds += time.perf_counter() - saving
-        else:
-            state.bad_evals += 1
+        progress = improved or (lower_loss and cfg.train.patience_on == "bleu-or-loss")
+        state.bad_evals = 0 if progress else state.bad_evals + 1
         saving = time.perf_counter()
         keep_model(student, out, state.step, cfg.train.keep_models)  # for `combinekd average`
         state.saving_seconds += time.perf_counter() - saving
