@@ -108,13 +108,19 @@ deploy "$runs"
 # (12,000, never 5 evaluations without a better dev BLEU). A copy of the CKD run trains on to 12,000 without
 # early stopping (raising train.patience resumes exactly), averaged, picked and scored like every row: a
 # second comparison beside the protocol's table, which stays as it is.
-ext=$runs/student-ckd-12k
-if [ ! -d "$ext" ]; then
-  rm -rf "$ext.part" && cp -a "$runs/student-ckd" "$ext.part" || exit 1
+extend() {  # extend RUNS_DIR NAME: a copy of RUNS_DIR/NAME (RUNS_DIR/NAME-12k), to be trained on to max_steps
+  local ext=$1/$2-12k
+  [ -d "$ext" ] && return 0
+  rm -rf "$ext.part" && cp -a "$1/$2" "$ext.part" || return 1
   (cd "$ext.part" && rm -f train_summary.json dev.json dev.hyp.en scores.json README.md) && mv "$ext.part" "$ext"
-fi
+}
+extend "$runs" student-ckd || exit 1
 student "$runs" student-ckd-12k "${kd[@]}" --set distill.encoder.strategy=overlap --set train.patience=0 || exit 1
 # issue 9: a 2+2 d128 CKD student (forced-length decoding estimate 4.2x the teacher, results/decode-sizes-2026-11-28.md)
 student "$d128" student-ckd "${kd[@]}" --set distill.encoder.strategy=overlap --set model.d_model=128 \
     --set model.ffn_dim=512 || exit 1
 deploy "$d128"; bf16 "$d128"
+# the word-KD student likewise (stopped by patience at 9,600 while its dev loss still fell): equal budgets for the
+# three KD students
+extend "$runs" student-word || exit 1
+student "$runs" student-word-12k "${kd[@]}" --set distill.w_layer=0 --set train.patience=0 || exit 1
