@@ -124,3 +124,8 @@ deploy "$d128"; bf16 "$d128"
 # three KD students
 extend "$runs" student-word || exit 1
 student "$runs" student-word-12k "${kd[@]}" --set distill.w_layer=0 --set train.patience=0 || exit 1
+# issue 6, item 3's "about 2 hours": the teacher's recipe with twice the learning rate (2e-3; pre-LN at 1e-3 was
+# the recipes' winner, 2e-3 was behind it after 300 updates only), for 2 hours of training (train.max_hours), to
+# compare its dev curve against teacher-d03's by wall time (27.62 best greedy dev BLEU at 2 hours, 29.31 at 3.45)
+CONFIG=configs/teacher-cpu.yaml train "$h" teacher-d03-lr2e-3 --set model.dropout=0.3 --set train.lr=0.002 \
+    --set train.max_hours=2 || exit 1
