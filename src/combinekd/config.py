@@ -109,8 +109,8 @@ class TrainConfig(_Strict):
                              "its best model so far is the result, and resuming with a larger budget trains on; "
                              "0 = no limit")
     keep_models: int = Field(6, ge=0, description="keep the weights of the last N evaluated models (in "
-                             "OUTPUT_DIR/checkpoints/models) for `combinekd average`; 0 = none. With patience 5, "
-                             "6 keeps an early-stopped run's best model and the five after it")
+                             "OUTPUT_DIR/checkpoints/models) for `combinekd average`; 0 = none (the best model is kept "
+                             "apart, in OUTPUT_DIR itself)")
     log_every: int = Field(50, ge=1, description="log losses and speed every N updates")
     max_bad_steps: int = Field(5, ge=1, description="an update whose loss is not finite (NaN/inf) is skipped "
                                "and logged; the run stops after this many in a row")
