@@ -66,16 +66,15 @@ def main() -> None:
             for t in teachers:
                 torch.cat([normalize(x, d_t) for x in t], dim=-1)
 
-    seconds = {"whole chain (forward + backward)": median_seconds(chain, args.repeats),
-               "teacher side (layer norms, concatenation)": median_seconds(teacher_side, args.repeats),
-               "projection W h_S (forward + backward)": median_seconds(projection, args.repeats)}
+    whole, side, product = (median_seconds(fn, args.repeats) for fn in (chain, teacher_side, projection))
     flop = 3 * 2 * n * d_s * k * d_t * args.layers  # one product forward, two backward
     print(f"{args.layers} student layers x group {k}: {n} tokens, d_S {d_s} -> {k} x d_T {d_t}, "
           f"bf16 autocast, threads {args.threads}")
-    for name, s in seconds.items():
+    for name, s in (("whole chain (forward + backward)", whole), ("teacher side (layer norms, concatenation)", side),
+                    ("projection W h_S (forward + backward)", product)):
         print(f"  {name:44s} {s * 1000:7.1f} ms")
-    print(f"  projection: {flop / 1e9:.1f} GFLOP, {flop / seconds['projection W h_S (forward + backward)'] / 1e9:.0f} "
-          f"GFLOP/s; its share of the chain {seconds['projection W h_S (forward + backward)'] / seconds['whole chain (forward + backward)']:.0%}")
+    print(f"  projection: {flop / 1e9:.1f} GFLOP, {flop / product / 1e9:.0f} GFLOP/s; its share of the chain "
+          f"{product / whole:.0%}")
 
 
 if __name__ == "__main__":

@@ -2,33 +2,30 @@
 
     python experiments/patience_replay.py RUN_DIR [RUN_DIR ...] [--patience 5] [--out results/x.md]
 
-For each run (its train_log.jsonl), under `train.patience_on` = bleu and = bleu-or-loss (the trainer's rule:
-a better dev BLEU, or a dev loss trainer.LOSS_IMPROVEMENT below the lowest so far), the update at which the
-run would have stopped (or "not within the log": the log ended first) and the best dev BLEU up to there.
+For each run (its train_log.jsonl, read as experiments/curves.py reads it), under `train.patience_on` = bleu
+and = bleu-or-loss (the trainer's own accounting, `TrainerState.evaluated`), the update at which the run would
+have stopped (or "not within the log": the log ended first) and the best dev BLEU up to there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from combinekd.trainer import LOSS_IMPROVEMENT
+from curves import read_run
+
+from combinekd.trainer import LOSS_IMPROVEMENT, TrainerState
 
 
 def replay(evals: list[dict], patience: int, rule: str) -> tuple[int | None, float, int]:
     """``(stop_step or None, best dev BLEU up to it, its step)`` for one rule."""
-    best_bleu, best_step, best_loss, bad = -1.0, 0, None, 0
+    state = TrainerState()
     for e in evals:
-        improved = e["dev_bleu"] > best_bleu
-        lower_loss = best_loss is None or e["dev_loss"] < best_loss * (1 - LOSS_IMPROVEMENT)
-        best_loss = e["dev_loss"] if best_loss is None else min(best_loss, e["dev_loss"])
-        if improved:
-            best_bleu, best_step = e["dev_bleu"], e["step"]
-        bad = 0 if improved or (lower_loss and rule == "bleu-or-loss") else bad + 1
-        if bad >= patience:
-            return e["step"], best_bleu, best_step
-    return None, best_bleu, best_step
+        state.step = e["step"]
+        state.evaluated(e["dev_bleu"], e["dev_loss"], rule)
+        if state.bad_evals >= patience:
+            return state.step, state.best_bleu, state.best_step
+    return None, state.best_bleu, state.best_step
 
 
 def main() -> None:
@@ -41,8 +38,7 @@ def main() -> None:
              "", "| run | evaluations logged | rule | stops at | best dev BLEU (update) up to there |",
              "|---|---:|---|---:|---:|"]
     for run in args.runs:
-        evals = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()
-                 if '"dev_bleu"' in line]
+        evals = read_run(run)["evals"]
         for rule in ("bleu", "bleu-or-loss"):
             stop, bleu, step = replay(evals, args.patience, rule)
             where = f"{stop:,}" if stop else f"not within the log (to {evals[-1]['step']:,})"

@@ -10,7 +10,6 @@ the KD maths. Where the run stands is one :class:`TrainerState`, saved with ever
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -98,6 +97,20 @@ class TrainerState:
     stopped_early: bool = False
     out_of_time: bool = False  # train.max_hours spent
     finished: bool = False
+
+    def evaluated(self, dev_bleu: float, dev_loss: float, patience_on: str) -> bool:
+        """Account for an evaluation at ``self.step``: the best dev BLEU and its update, the lowest dev loss, and
+        the evaluations in a row that improved nothing (``train.patience_on``: a better dev BLEU, or with
+        ``bleu-or-loss`` a dev loss LOSS_IMPROVEMENT below the lowest so far). Returns whether dev BLEU improved
+        (the model to keep)."""
+        improved = dev_bleu > self.best_bleu
+        lower_loss = self.best_loss is None or dev_loss < self.best_loss * (1 - LOSS_IMPROVEMENT)
+        self.best_loss = dev_loss if self.best_loss is None else min(self.best_loss, dev_loss)
+        if improved:
+            self.best_bleu, self.best_step = dev_bleu, self.step
+        progress = improved or (lower_loss and patience_on == "bleu-or-loss")
+        self.bad_evals = 0 if progress else self.bad_evals + 1
+        return improved
 
     def spent_hours(self) -> float:
         """The run's time so far (training, validation, saving), the measure of ``train.max_hours``."""
@@ -554,17 +567,12 @@ def _validate_and_save(cfg, accelerator, model, student, tokenizer, dev, dev_tex
     if accelerator.is_main_process:
         scores = validate(accelerator.unwrap_model(model).student, tokenizer, dev, dev_text, cfg, autocast)
         state.validation_seconds += time.perf_counter() - start
-        improved = scores["dev_bleu"] > state.best_bleu
-        lower_loss = state.best_loss is None or scores["dev_loss"] < state.best_loss * (1 - LOSS_IMPROVEMENT)
-        state.best_loss = min(scores["dev_loss"], math.inf if state.best_loss is None else state.best_loss)
+        improved = state.evaluated(scores["dev_bleu"], scores["dev_loss"], cfg.train.patience_on)
         if improved:
-            state.best_bleu, state.best_step = scores["dev_bleu"], state.step
             saving = time.perf_counter()
             save_model_dir(student, tokenizer, out)
             (out / SCORES_FILE).unlink(missing_ok=True)  # evaluations of the model this one replaces
             state.saving_seconds += time.perf_counter() - saving
-        progress = improved or (lower_loss and cfg.train.patience_on == "bleu-or-loss")
-        state.bad_evals = 0 if progress else state.bad_evals + 1
         saving = time.perf_counter()
         keep_model(student, out, state.step, cfg.train.keep_models)  # for `combinekd average`
         state.saving_seconds += time.perf_counter() - saving
