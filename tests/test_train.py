@@ -93,6 +93,38 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert state_a["stream"] == state_b["stream"] and state_a["scheduler"] == state_b["scheduler"]
 
 
+def _lrs(run_dir):
+    return {e["step"]: e["lr"] for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+            if "lr" in e}
+
+
+def test_the_linear_schedule_decays_to_zero_at_max_steps_and_is_fixed_on_resume(data_dir, tmp_path):
+    sets = {"train.schedule": "linear", "train.warmup_steps": 4, "train.eval_every": 6, "train.log_every": 2}
+    train(tiny_config(data_dir, tmp_path / "a", **sets, **{"train.max_steps": 12}))
+    lrs = _lrs(tmp_path / "a")
+    assert lrs[2] == pytest.approx(1e-3 * 2 / 4) and lrs[4] == pytest.approx(1e-3)  # the warm-up, then down
+    assert lrs[8] == pytest.approx(1e-3 * 4 / 8) and lrs[12] == 0.0
+    # the inverse-sqrt default at update 12 of the same run would still be at 1e-3 * sqrt(4 / 12)
+    assert _lrs(tmp_path / "a") != _lrs_of_default(data_dir, tmp_path / "c")
+    # stopped half-way (a time budget) and resumed: exactly the uninterrupted run
+    train(tiny_config(data_dir, tmp_path / "b", **sets, **{"train.max_steps": 12, "train.max_hours": 1e-9}))
+    for changed in ({"train.max_steps": 18}, {"train.schedule": "inverse-sqrt", "train.max_steps": 12}):
+        with pytest.raises(UserError, match="resume it with the same train.schedule"):
+            train(tiny_config(data_dir, tmp_path / "b", **{**sets, **changed}), resume=True)
+    train(tiny_config(data_dir, tmp_path / "b", **sets, **{"train.max_steps": 12}), resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _lrs_of_default(data_dir, out):
+    train(tiny_config(data_dir, out, **{"train.warmup_steps": 4, "train.max_steps": 12, "train.eval_every": 6,
+                                        "train.log_every": 2}))
+    lrs = _lrs(out)
+    assert lrs[12] == pytest.approx(1e-3 * (4 / 12) ** 0.5)
+    return lrs
+
+
 def test_train_optimises_the_objective_it_is_given(data_dir, tmp_path):
     from combinekd.data import load_tokenizer
     from combinekd.distill import build_objective

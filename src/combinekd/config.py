@@ -87,7 +87,11 @@ class TrainConfig(_Strict):
     max_steps: int = Field(10000, ge=1, description="optimizer updates")
     max_tokens: int = Field(4096, ge=16, description="padded tokens per batch and side")
     lr: float = Field(7e-4, gt=0, description="peak learning rate (AdamW, betas 0.9/0.98)")
-    warmup_steps: int = Field(4000, ge=0, description="linear warm-up, then inverse square root")
+    warmup_steps: int = Field(4000, ge=0, description="linear warm-up, then train.schedule")
+    schedule: Literal["inverse-sqrt", "linear"] = Field(
+        "inverse-sqrt", description="the learning rate after the warm-up: inverse-sqrt (lr * sqrt(warmup/step), "
+        "open-ended: raising max_steps trains on) or linear (down to zero at max_steps: a fixed budget, e.g. a few "
+        "hours on a CPU; max_steps can then not be changed on resume)")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     clip_norm: float = Field(1.0, ge=0.0, description="0 disables gradient clipping")

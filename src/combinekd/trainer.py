@@ -97,6 +97,7 @@ class TrainerState:
     stopped_early: bool = False
     out_of_time: bool = False  # train.max_hours spent
     finished: bool = False
+    schedule_end: int = 0  # the update where a linear schedule reaches zero (0: open-ended, inverse-sqrt)
 
     def evaluated(self, dev_bleu: float, dev_loss: float, patience_on: str) -> bool:
         """Account for an evaluation at ``self.step``: the best dev BLEU and its update, the lowest dev loss, and
@@ -300,7 +301,7 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     """The run itself (see :func:`train`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from transformers import get_inverse_sqrt_schedule, set_seed
+    from transformers import set_seed
 
     from combinekd.distill import build_objective
 
@@ -343,12 +344,12 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.train.weight_decay,
                                   fused=accelerator.device.type in ("cpu", "cuda"))
-    scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=cfg.train.warmup_steps)
+    scheduler = build_schedule(optimizer, cfg)
     model, optimizer = accelerator.prepare(objective, optimizer)
     objective.to(accelerator.device)
     stream = BatchStream(train_split, cfg.train.max_tokens, tokenizer.pad_token_id, cfg.seed,
                          rank, accelerator.num_processes)
-    state = TrainerState()
+    state = TrainerState(schedule_end=_schedule_end(cfg))
     if resume:
         load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler, stream, state)
 
@@ -487,16 +488,36 @@ def _teacher_seconds(state: TrainerState) -> float | None:
     return None if torch.cuda.is_available() else round(state.teacher_seconds, 3)
 
 
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config):
+    """Linear warm-up over ``train.warmup_steps``, then ``train.schedule``: inverse square root, or linear decay
+    to zero at ``train.max_steps`` (transformers' schedules)."""
+    from transformers import get_inverse_sqrt_schedule, get_linear_schedule_with_warmup
+
+    if cfg.train.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+    return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=cfg.train.warmup_steps)
+
+
+def _schedule_end(cfg: Config) -> int:
+    return cfg.train.max_steps if cfg.train.schedule == "linear" else 0
+
+
 def _finished_run(last: Path, cfg: Config) -> tuple[str, TrainerState] | None:
     """``(why, state)`` when the checkpoint in ``last`` ended its run: stopped early, reached
     ``cfg.train.max_steps`` or spent ``cfg.train.max_hours`` (raising ``cfg.train.patience``, the
-    steps or the hours, whichever ended it, trains on)."""
+    steps or the hours, whichever ended it, trains on). Refuses a resume whose learning-rate schedule differs
+    from the run's (a linear schedule is fixed by the run's max_steps)."""
     file = last / "trainer_state.json"
     if not file.is_file():
         return None  # load_checkpoint says what is missing
     state = TrainerState()
     state.load_state_dict(json.loads(file.read_text(encoding="utf-8"))["progress"])
     where = last.parent.parent
+    if state.schedule_end != _schedule_end(cfg):
+        run = (f"a linear schedule to zero at update {state.schedule_end}" if state.schedule_end
+               else "the inverse-sqrt schedule")
+        raise UserError(f"the run in {where} was trained with {run}: resume it with the same train.schedule"
+                        + (f" and train.max_steps={state.schedule_end}" if state.schedule_end else ""))
     if state.stopped_early and cfg.train.patience and state.bad_evals >= cfg.train.patience:
         return (f"the run in {where} stopped early at update {state.step} ({state.bad_evals} evaluations in a row "
                 f"that improved nothing): nothing to resume; raise train.patience to train on", state)
