@@ -422,3 +422,42 @@ def test_a_bf16_teacher_and_bf16_decoding_are_warned_about_too(data_dir, tmp_pat
     warned += [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
     assert warned == 2 * ["combinekd: warning: --dtype bfloat16, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 "
                       "is emulated and usually slower than fp32 here: consider --dtype float32"]
+
+
+def test_the_cpu_dropout_keeps_one_minus_p_and_rescales_as_torchs():
+    from combinekd.models import _cpu_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16, requires_grad=True)
+    y = _cpu_dropout(x, 0.3)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.003
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.7))  # the scale torch's dropout applies (bf16)
+    y.float().sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, scaled
+    # the other cases are torch's own: not training, p = 0 (the attention weights here), in place
+    assert _cpu_dropout(x, 0.3, training=False) is x and torch.equal(_cpu_dropout(x, 0.0), x)
+    # seeded: the same draws again
+    torch.manual_seed(0)
+    assert torch.equal(_cpu_dropout(x, 0.3), y)
+
+
+def test_training_forwards_use_the_cpu_dropout_and_torchs_is_restored(data_dir, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    from combinekd import models
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return models._TORCH_DROPOUT(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_cpu_dropout", counting)
+    train(tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 2, "train.eval_every": 2}))
+    # 2 updates of a 2+2 model: embeddings 2, encoder layers 2 x 3, decoder layers 2 x 4 (with p = 0 calls)
+    assert len(calls) >= 2 * 16
+    assert F.dropout is models._TORCH_DROPOUT
+    with pytest.raises(RuntimeError), models.fast_cpu_dropout():
+        raise RuntimeError
+    assert F.dropout is models._TORCH_DROPOUT

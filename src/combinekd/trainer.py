@@ -29,7 +29,7 @@ from combinekd.data import (Split, check_writable, collate, load_split, load_tok
 from combinekd.errors import PeerStopped, UserError, warn
 from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
-from combinekd.models import slow_bf16_warning
+from combinekd.models import fast_cpu_dropout, slow_bf16_warning
 
 # train.patience_on=bleu-or-loss: a dev loss this fraction below the lowest so far counts as an improvement
 LOSS_IMPROVEMENT = 1e-3
@@ -546,7 +546,8 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple
     for micro, (batch, n) in enumerate(zip(micro_batches, tokens)):
         last = micro == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            output = model(batch)
+            with fast_cpu_dropout():
+                output = model(batch)
             accelerator.backward(output["loss"] * (n * accelerator.num_processes / max(total, 1)))
         for key, value in output.items():  # tensors: turned into floats only when logged
             parts[key] = parts.get(key, 0.0) + value.detach() * (n / max(total, 1))
