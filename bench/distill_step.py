@@ -26,7 +26,7 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective, decoder_input_ids
-from combinekd.models import build_model, save_model_dir
+from combinekd.models import build_model, fast_cpu_dropout, save_model_dir
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
          "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
@@ -53,7 +53,7 @@ def timed_rounds(steps: dict, batches, rounds: int, warmup: int = 2) -> dict[str
 def train_step(objective, optimizer, autocast):
     """One update of ``objective`` on a batch, as the trainer runs it: loss, backward, optimizer step."""
     def step(batch):
-        with autocast():
+        with autocast(), fast_cpu_dropout():
             loss = objective(batch)["loss"]
         loss.backward()
         optimizer.step()

@@ -4,7 +4,7 @@
 
 Both runs use the same config (model shape, max_tokens, bf16) and the same batches. "bare" is
 model(**batch, labels) + loss.backward() + AdamW.step() under torch.autocast; "combinekd" is the
-trainer's objective under accelerate. Prints tokens/s for each and their ratio (ours / bare).
+trainer's forward and backward (`trainer.accumulate_gradients`) under accelerate. Prints tokens/s for each and their ratio (ours / bare).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective
 from combinekd.models import build_model, preferred_attention
+from combinekd.trainer import accumulate_gradients
 
 
 def batches(cfg, n: int) -> list[dict]:
@@ -69,9 +70,8 @@ def main() -> None:
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-4)
     wrapped, opt = accelerator.prepare(objective, opt)
 
-    def our_step(batch):
-        out = wrapped(batch)
-        accelerator.backward(out["loss"])
+    def our_step(batch):  # the trainer's own forward and backward (its CPU dropout included)
+        accumulate_gradients(accelerator, wrapped, [batch])
         accelerator.clip_grad_norm_(wrapped.parameters(), cfg.train.clip_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
