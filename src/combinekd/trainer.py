@@ -1,4 +1,4 @@
-"""The training loop: accelerate (device, bf16, DDP), token batches, inverse-sqrt schedule,
+"""The training loop: accelerate (device, bf16, DDP), token batches, learning-rate schedule,
 validation with dev BLEU, atomic safetensors checkpoints, early stopping and exact resume.
 
 The loop optimises whatever ``objective`` it is given (``train(cfg, objective)``; by default the one the
@@ -545,9 +545,8 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict]) -> tuple
     parts: dict[str, torch.Tensor] = {}
     for micro, (batch, n) in enumerate(zip(micro_batches, tokens)):
         last = micro == len(micro_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
-            with fast_cpu_dropout():
-                output = model(batch)
+        with nullcontext() if last else accelerator.no_sync(model), fast_cpu_dropout():
+            output = model(batch)
             accelerator.backward(output["loss"] * (n * accelerator.num_processes / max(total, 1)))
         for key, value in output.items():  # tensors: turned into floats only when logged
             parts[key] = parts.get(key, 0.0) + value.detach() * (n / max(total, 1))
