@@ -22,7 +22,7 @@ from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, split_text, token_batches
 from combinekd.distill import Objective
 from combinekd.evaluate import translate
-from combinekd.models import build_model
+from combinekd.models import build_model, use_bf16
 
 from distill_step import timed_rounds, train_step
 
@@ -30,6 +30,7 @@ from distill_step import timed_rounds, train_step
 def measure(config: str, data: str, steps: int, device: str) -> None:
     tokenizer = load_tokenizer(data)
     cfg = load_config(config, [f"data_dir={data}", "output_dir=unused", "distill=null"])
+    cfg.train.bf16 = use_bf16(cfg.train.bf16, device)  # auto: on where bf16 is native, as train does
     split = load_split(data, "train", cfg.model.max_length)
     order = token_batches([len(s) for s in split.src], [len(t) for t in split.tgt], cfg.train.max_tokens, seed=0)
     batches = [{k: v.to(device) for k, v in collate(split, idx, tokenizer.pad_token_id).items()}

@@ -18,6 +18,7 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import load_tokenizer
 from combinekd.distill import build_objective
+from combinekd.models import use_bf16
 from distill_step import sync, train_step
 from train_throughput import batches
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", "distill=null"])
+    cfg.train.bf16 = use_bf16(cfg.train.bf16, args.device)  # auto: on where bf16 is native, as train does
     data = [{k: v.to(args.device) for k, v in b.items()} for b in batches(cfg, args.steps + args.warmup)]
     tokenizer = load_tokenizer(cfg.data_dir)
     autocast = (lambda: torch.autocast(args.device, torch.bfloat16)) if cfg.train.bf16 else nullcontext

@@ -26,7 +26,7 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective, decoder_input_ids
-from combinekd.models import build_model, fast_cpu_dropout, save_model_dir
+from combinekd.models import build_model, fast_cpu_dropout, save_model_dir, use_bf16
 
 SIZES = {"cpu": ("configs/teacher-cpu.yaml", "configs/student-cpu.yaml"),
          "paper": ("configs/teacher-6x6.yaml", "configs/student-2x2.yaml")}
@@ -77,6 +77,7 @@ def measure(size: str, data: str, steps: int, rounds: int, max_tokens: int | Non
         if max_tokens:
             sets.append(f"train.max_tokens={max_tokens}")
         cfg = load_config(student_yaml, sets + list(overrides or []))
+        cfg.train.bf16 = use_bf16(cfg.train.bf16, device)  # auto: on where bf16 is native, as train does
         split = load_split(data, "train", cfg.model.max_length)
         order = token_batches([len(s) for s in split.src], [len(t) for t in split.tgt], cfg.train.max_tokens, seed=0)
         batches = [{k: v.to(device) for k, v in collate(split, idx, tokenizer.pad_token_id).items()}

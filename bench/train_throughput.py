@@ -18,7 +18,7 @@ import torch
 from combinekd.config import load_config
 from combinekd.data import collate, load_split, load_tokenizer, token_batches
 from combinekd.distill import build_objective
-from combinekd.models import build_model, preferred_attention
+from combinekd.models import build_model, preferred_attention, use_bf16
 from combinekd.trainer import accumulate_gradients
 
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", *args.set])
+    cfg.train.bf16 = use_bf16(cfg.train.bf16, "cpu")  # auto: on where bf16 is native, as train does
     data = batches(cfg, args.steps + 2)
     tokenizer = load_tokenizer(cfg.data_dir)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if cfg.train.bf16 else nullcontext

@@ -22,6 +22,7 @@ import torch
 
 from combinekd.config import load_config
 from combinekd.data import load_split, load_tokenizer
+from combinekd.models import use_bf16
 
 
 def hf_seq2seq_trainer(cfg, steps: int, warmup: int, batch_sentences: int, attention: str) -> float:
@@ -90,6 +91,7 @@ def main() -> None:
                              "models.preferred_attention(): eager on CPU)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data}", "output_dir=/tmp/unused", *args.set])
+    cfg.train.bf16 = use_bf16(cfg.train.bf16)  # auto: on where bf16 is native, as train does
     ours = combinekd_train(cfg, args.steps, args.warmup)
     print(f"combinekd train     : {ours:8.0f} target tokens/s", flush=True)
     theirs = hf_seq2seq_trainer(cfg, args.steps, args.warmup, args.batch_sentences, args.hf_attention)

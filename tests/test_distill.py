@@ -157,7 +157,8 @@ def test_prepare_with_the_teachers_tokenizer(corpus, teacher_dir, tmp_path):
 
 def test_init_from_teacher_copies_layers(data_dir, teacher_dir, tmp_path):
     cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{
-        "model.d_model": 96, "distill.init_from_teacher.encoder": "[2, 4]", "distill.init_from_teacher.decoder": "[1, 4]"})
+        "model.d_model": 96, "distill.init_from_teacher.encoder": "[2, 4]", "distill.init_from_teacher.decoder": "[1, 4]",
+        "distill.teacher_bf16": True})
     objective = build_objective(cfg, load_tokenizer(data_dir))
     s_enc, t_enc = objective.student.get_encoder().layers, objective.teacher.get_encoder().layers
     assert objective.teacher.dtype == torch.bfloat16, "the frozen teacher is held in bf16 (teacher_bf16)"

@@ -383,9 +383,44 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(data_dir, tmp_p
     train(tiny_config(data_dir, tmp_path / "run", **{"train.bf16": bf16, "train.max_steps": 2, "train.eval_every": 2}))
     warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
     assert warned == (["combinekd: warning: train.bf16 on, but this CPU has neither AVX-512 BF16 nor AMX, so bf16 is "
-                       "emulated and usually slower than fp32 here: consider --set train.bf16=false"] if bf16 else [])
+                       "emulated and usually slower than fp32 here: consider --set train.bf16=auto"] if bf16 else [])
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX (or AVX-512 BF16): no warning
     assert slow_bf16_warning("cpu") is None
+
+
+def test_bf16_auto_is_on_only_where_bf16_is_native(data_dir, tmp_path, monkeypatch, capsys):
+    """The default: bf16 autocast and a bf16 teacher on a CPU with AMX or AVX-512 BF16, float32 on one with
+    neither (no warning: nothing to turn off), said in the run's precision line; true and false as they say."""
+    import platform
+
+    import torch.cpu
+
+    from combinekd.models import native_bf16, use_bf16
+    from conftest import save_random_model
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    teacher = save_random_model(data_dir, tmp_path / "teacher", seed=1, encoder_layers=2, decoder_layers=1,
+                                d_model=64, ffn_dim=128, heads=4)
+    precisions = {}
+    for native in (False, True):
+        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, check, lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+        assert native_bf16("cpu") is native and use_bf16("auto", "cpu") is native
+        assert use_bf16(True, "cpu") is True and use_bf16(False, "cpu") is False
+        out = tmp_path / f"run-{native}"
+        train(tiny_config(data_dir, out, **{"train.bf16": "auto", "train.max_steps": 2, "train.eval_every": 2,
+                                            "distill.teacher": str(teacher), "distill.teacher_bf16": "auto"}))
+        printed = capsys.readouterr()
+        assert "warning" not in printed.err, printed.err
+        first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+        precisions[native] = first["precision"]
+        assert f"precision: {first['precision']}" in printed.out + printed.err
+    assert precisions[True] == "bf16 autocast, teacher in bfloat16"
+    assert precisions[False] == ("float32, teacher in float32 (bf16 auto: this CPU has neither AVX-512 BF16 nor AMX, "
+                                 "so bf16 is emulated and usually slower than fp32 here)")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # not known: auto stays off
+    assert native_bf16("cpu") is None and use_bf16("auto", "cpu") is False
 
 
 def test_a_bf16_teacher_and_bf16_decoding_are_warned_about_too(data_dir, tmp_path, monkeypatch, capsys):
@@ -406,7 +441,7 @@ def test_a_bf16_teacher_and_bf16_decoding_are_warned_about_too(data_dir, tmp_pat
                                                       "distill.teacher": str(teacher), "distill.teacher_bf16": True}))
     warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]
     assert len(warned) == 1 and "distill.teacher_bf16 on" in warned[0] and "train.bf16" not in warned[0], warned
-    assert warned[0].endswith("consider --set distill.teacher_bf16=false")
+    assert warned[0].endswith("consider --set distill.teacher_bf16=auto")
     for dtype in ("float32", "bfloat16"):
         load_translator(teacher, dtype)
     warned = [line for line in capsys.readouterr().err.splitlines() if "neither AVX-512 BF16 nor AMX" in line]

@@ -95,7 +95,9 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     clip_norm: float = Field(1.0, ge=0.0, description="0 disables gradient clipping")
-    bf16: bool = Field(True, description="bf16 autocast (CPU with bf16 instructions: AMX or AVX-512 BF16; or GPU)")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast; auto: on where bf16 is native (a GPU that supports it, an x86 CPU with "
+        "AMX or AVX-512 BF16), off elsewhere (emulated there, and can be many times slower than fp32)")
     grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer update")
     eval_every: int = Field(1000, ge=1, description="validate and checkpoint every N updates")
     eval_beam: int = Field(1, ge=1, description="beam size for the dev BLEU during training")
@@ -176,7 +178,8 @@ class DistillConfig(_Strict):
     w_layer: float | None = Field(None, ge=0.0, description="intermediate-layer (PKD / CKD) loss (null: from the preset)")
     w_attn: float = Field(0.0, ge=0.0, description="attention-map loss on the mapped layers")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the word-level KD")
-    teacher_bf16: bool = Field(True, description="hold the frozen teacher in bf16 (CPU with bf16 instructions: AMX or AVX-512 BF16; or GPU)")
+    teacher_bf16: bool | Literal["auto"] = Field(
+        "auto", description="hold the frozen teacher in bf16; auto: where bf16 is native, as train.bf16")
     encoder: SideConfig | None = Field(default_factory=SideConfig, description="encoder-side layer KD; null: none")
     decoder: SideConfig | None = Field(None, description="decoder-side layer KD; null: none")
     init_from_teacher: InitConfig | None = Field(None, description="copy teacher layers into the student first")
@@ -307,7 +310,8 @@ def config_keys(section: type[BaseModel] | None = None, prefix: str = "") -> Ite
         choices = [typing.get_args(a) for a in (field.annotation, *typing.get_args(field.annotation))
                    if typing.get_origin(a) is Literal]
         if choices:
-            description += f" (one of: {', '.join(choices[0])})"
+            either = ("true", "false") if bool in typing.get_args(field.annotation) else ()
+            description += f" (one of: {', '.join((*choices[0], *either))})"
         yield prefix + name, _default_text(field), description
         if sub := _section(field.annotation):
             yield from config_keys(sub, f"{prefix}{name}.")

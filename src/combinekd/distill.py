@@ -275,7 +275,7 @@ def _check_same_parameters(s_layer: nn.Module, t_layer: nn.Module, teacher_type:
 
 def build_objective(cfg: Config, tokenizer) -> Objective:
     """The objective for a config: plain CE training, or KD from ``cfg.distill.teacher``."""
-    from combinekd.models import build_model, check_same_vocabulary, load_model_dir, preferred_attention
+    from combinekd.models import build_model, check_same_vocabulary, load_model_dir, preferred_attention, use_bf16
 
     attention = preferred_attention(attention_maps=bool(cfg.distill and cfg.distill.w_attn > 0))
     student = build_model(cfg.model, tokenizer, attn_implementation=attention)
@@ -290,6 +290,6 @@ def build_objective(cfg: Config, tokenizer) -> Objective:
                         f"tokens but the student's vocabulary has {len(tokenizer)}")
     if cfg.distill.init_from_teacher:
         init_from_teacher(student, teacher, cfg.distill.init_from_teacher)
-    if cfg.distill.teacher_bf16:  # bf16 weights: no autocast round trips on every forward
+    if use_bf16(cfg.distill.teacher_bf16):  # bf16 weights: no autocast round trips on every forward
         teacher.to(torch.bfloat16)
     return Objective(student, cfg, teacher)

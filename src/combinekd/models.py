@@ -58,21 +58,44 @@ def fast_cpu_dropout():
         F.dropout = _TORCH_DROPOUT
 
 
-def slow_bf16_warning(device: torch.device | str) -> str | None:
-    """Why bf16 may slow this run down, or None: on an x86 CPU without bf16 instructions (neither AVX-512
-    BF16 nor AMX) PyTorch emulates bf16 and autocast is usually slower than fp32 (PyTorch's AMP notes;
-    pytorch/pytorch#86550, #118499). With them it pays: combinekd's training step 2.1x fp32 on an AVX-512 BF16
-    CPU (results/speed-2026-12-05.md), bf16 decoding 1.6-2.0x on AMX. Other CPU architectures: no opinion."""
+def native_bf16(device: torch.device | str) -> bool | None:
+    """Whether ``device`` computes in bf16 natively: a GPU that supports it, an x86 CPU with AVX-512 BF16 or
+    AMX (True), an x86 CPU with neither, where PyTorch emulates bf16 (False), or not known (None: other CPU
+    architectures, a torch without the checks)."""
     import platform
 
     import torch.cpu as cpu
 
-    if torch.device(device).type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if None in checks or any(check() for check in checks):  # (a torch without the checks: no opinion)
+    if None in checks:
+        return None
+    return any(check() for check in checks)
+
+
+def slow_bf16_warning(device: torch.device | str) -> str | None:
+    """Why bf16 may slow this run down, or None: on an x86 CPU without bf16 instructions (neither AVX-512
+    BF16 nor AMX) PyTorch emulates bf16 and autocast is usually slower than fp32 (PyTorch's AMP notes;
+    pytorch/pytorch#86550, #118499): a 6+6 d256 training update 120 s against 3.9 s in fp32 on an AVX2-only
+    AMD EPYC, 2 threads (results/speed-2026-12-07b.md). With them it pays: combinekd's training step 2.1x fp32
+    on an AVX-512 BF16 CPU (results/speed-2026-12-05.md), bf16 decoding 1.6-2.0x on AMX. Other CPU
+    architectures: no opinion."""
+    if torch.device(device).type != "cpu" or native_bf16(device) is not False:
         return None
     return "this CPU has neither AVX-512 BF16 nor AMX, so bf16 is emulated and usually slower than fp32 here"
+
+
+def use_bf16(setting: bool | str, device: torch.device | str | None = None) -> bool:
+    """A bf16 switch of the config (``train.bf16``, ``distill.teacher_bf16``) for ``device`` (default: the GPU
+    if there is one, else the CPU): true and false as they say; ``auto`` on only where bf16 is native
+    (:func:`native_bf16`), so never the emulated path, and off where that is not known."""
+    if setting != "auto":
+        return bool(setting)
+    return bool(native_bf16(device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):

@@ -29,7 +29,7 @@ from combinekd.data import (Split, check_writable, collate, load_split, load_tok
 from combinekd.errors import PeerStopped, UserError, warn
 from combinekd.card import SCORES_FILE, write_train_card
 from combinekd.files import atomic_dir, exclusive_lock, recover
-from combinekd.models import fast_cpu_dropout, slow_bf16_warning
+from combinekd.models import fast_cpu_dropout, slow_bf16_warning, use_bf16
 
 # train.patience_on=bleu-or-loss: a dev loss this fraction below the lowest so far counts as an improvement
 LOSS_IMPROVEMENT = 1e-3
@@ -325,8 +325,9 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     AcceleratorState._reset_state()  # several runs in one process (tests, experiments) may differ in precision
     # without cpu=True accelerate takes each CPU process of a torchrun job for a job of its own
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    bf16 = use_bf16(cfg.train.bf16)  # auto: on where bf16 is native (models.native_bf16)
     accelerator = Accelerator(cpu=several and not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.train.bf16 else "no")
+                              mixed_precision="bf16" if bf16 else "no")
     rank = accelerator.process_index
     set_seed(cfg.seed)  # the same initial weights on every process
     if objective is None:
@@ -335,10 +336,10 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
         set_seed(cfg.seed + rank)
     student = objective.student
     # (after the objective: its user errors come first, alone)
-    bf16 = [key for key, on in (("train.bf16", cfg.train.bf16),
-                                ("distill.teacher_bf16", cfg.distill and cfg.distill.teacher_bf16)) if on]
-    if bf16 and rank == 0 and (why := slow_bf16_warning(accelerator.device)):
-        warn(f"{' and '.join(bf16)} on, but {why}: consider " + " ".join(f"--set {key}=false" for key in bf16))
+    forced = [key for key, on in (("train.bf16", cfg.train.bf16),
+                                  ("distill.teacher_bf16", cfg.distill and cfg.distill.teacher_bf16)) if on is True]
+    if forced and rank == 0 and (why := slow_bf16_warning(accelerator.device)):
+        warn(f"{' and '.join(forced)} on, but {why}: consider " + " ".join(f"--set {key}=auto" for key in forced))
     # fused: one kernel over all parameters, as Seq2SeqTrainer's default on torch >= 2.8: 5-7 ms against 19-21 ms
     # an update for 12.6M parameters on 2 CPU threads; end to end within noise there (results/speed-2026-12-06.md)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr,
@@ -360,10 +361,17 @@ def _train(cfg: Config, objective, resume: bool) -> dict:
     log = RunLog(out, main, cfg.train.max_steps, state.step)
     record, bar = log.record, log.bar
     description = objective.describe()
-    for line in description:
+    teacher = objective.teacher
+    precision = ("bf16 autocast" if bf16 else "float32") + ("" if teacher is None else
+                                                            f", teacher in {str(teacher.dtype).removeprefix('torch.')}")
+    if "auto" in (cfg.train.bf16, cfg.distill and cfg.distill.teacher_bf16) and (
+            why := slow_bf16_warning(accelerator.device)):
+        precision += f" (bf16 auto: {why})"
+    for line in (*description, f"precision: {precision}"):
         log.say(line)
-    record({"step": state.step, "objective": description, "resumed": resume, "processes": stream.world})
-    autocast = accelerator.autocast if cfg.train.bf16 else nullcontext  # a factory: called per use
+    record({"step": state.step, "objective": description, "precision": precision, "resumed": resume,
+            "processes": stream.world})
+    autocast = accelerator.autocast if bf16 else nullcontext  # a factory: called per use
     model.train()
     window_tokens, window_start, window_sums, window_norm, window_n = 0, time.perf_counter(), {}, 0.0, 0
     window_counts: dict[str, int] = {}
