@@ -1,12 +1,13 @@
 """Dev BLEU against training time for several runs: a PNG and a Markdown/JSON table.
 
-    python experiments/curves.py RUN_DIR [RUN_DIR ...] --png docs/x.png --md results/x.md [--title T]
+    python experiments/curves.py RUN_DIR|CURVES.json [...] --png docs/x.png --md results/x.md [--title T]
 
 Reads each run's train_log.jsonl (validation entries carry ``train_seconds``, the training time so
 far, validation excluded) and train_config.yaml. The table gives per run: architecture, shape, lr,
 warm-up, batch tokens, updates, best dev BLEU (and when), training minutes, and dev BLEU per
 CPU-hour at the best point (minutes x threads). The JSON also holds each run's evaluations (update, dev
-BLEU, dev loss, training seconds), so that a curve outlives the run that made it.
+BLEU, dev loss, training seconds), so that a curve outlives the run that made it: given in place of a run
+dir, such a JSON adds its runs again (a run whose dir is gone, beside new ones).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def summary(run: dict) -> dict:
     minutes = best["train_seconds"] / 60 if best else 0.0
     return {"run": run["name"], "arch": m.get("arch", "post-ln"),
             "shape": f"{m['encoder_layers']}+{m['decoder_layers']} d{m['d_model']} ffn{m['ffn_dim']}",
-            "lr": t["lr"], "warmup": t["warmup_steps"], "max_tokens": t["max_tokens"], "dropout": m["dropout"],
+            "schedule": t.get("schedule", "inverse-sqrt"), "lr": t["lr"], "warmup": t["warmup_steps"], "max_tokens": t["max_tokens"], "dropout": m["dropout"],
             "threads": threads, "updates": run["evals"][-1]["step"] if run["evals"] else 0,
             "best_dev_bleu": best["dev_bleu"] if best else None, "best_step": best["step"] if best else None,
             "best_minutes": round(minutes, 1), "last_dev_loss": run["evals"][-1]["dev_loss"] if run["evals"] else None,
@@ -54,8 +55,16 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [read_run(r) for r in args.runs]
-    rows = [summary(r) for r in runs]
+    runs, rows = [], []
+    for path in args.runs:
+        if path.suffix == ".json":  # curves written by this script: their rows and evaluations as they were
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            runs += [{"name": c["run"], "evals": c["evals"]} for c in kept]
+            rows += [{"schedule": "inverse-sqrt", **{k: v for k, v in c.items() if k != "evals"}} for c in kept]
+            # (a JSON from before the schedule column: every run then used inverse-sqrt)
+        else:
+            runs.append(read_run(path))
+            rows.append(summary(runs[-1]))
     if args.updates_only:
         fig, by_step = plt.subplots(1, 1, figsize=(6.5, 4.5))
         axes = [by_step]
@@ -80,7 +89,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
 
-    cols = ["run", "arch", "shape", "lr", "warmup", "max_tokens", "dropout", "threads", "updates", "best_dev_bleu",
+    cols = ["run", "arch", "shape", "schedule", "lr", "warmup", "max_tokens", "dropout", "threads", "updates", "best_dev_bleu",
             "best_step", "best_minutes", "bleu_per_cpu_hour", "last_dev_loss"]
     lines = [f"# {args.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]

@@ -55,12 +55,12 @@ class HFTranslator:
     def __init__(self, path: str | Path, dtype: str = "float32"):
         import torch
 
-        from combinekd.models import count_parameters, input_limit, load_model_dir
+        from combinekd.models import count_parameters, default_device, input_limit, load_model_dir
 
         self.path = Path(path)
         self.precision = dtype
         self.model, self.tokenizer = load_model_dir(path)
-        self.model.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, dtype))
+        self.model.to(device=default_device(), dtype=getattr(torch, dtype))
         self.params = count_parameters(self.model)
         self.max_positions = input_limit(self.model, self.tokenizer)  # None: no limit (T5)
         self.size = _size_on_disk(self.path / "model.safetensors") if (self.path / "model.safetensors").is_file() \
@@ -153,11 +153,9 @@ class CT2Translator:
 
 def warn_slow_dtype(dtype: str) -> None:
     """One warning line when ``--dtype bfloat16`` is likely slower than float32 here (models.slow_bf16_warning)."""
-    import torch
+    from combinekd.models import default_device, slow_bf16_warning
 
-    from combinekd.models import slow_bf16_warning
-
-    if dtype == "bfloat16" and (why := slow_bf16_warning("cuda" if torch.cuda.is_available() else "cpu")):
+    if dtype == "bfloat16" and (why := slow_bf16_warning(default_device())):
         warn(f"--dtype bfloat16, but {why}: consider --dtype float32")
 
 

@@ -89,13 +89,18 @@ def slow_bf16_warning(device: torch.device | str) -> str | None:
     return "this CPU has neither AVX-512 BF16 nor AMX, so bf16 is emulated and usually slower than fp32 here"
 
 
+def default_device() -> str:
+    """Where combinekd runs a model when nothing says otherwise: the GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def use_bf16(setting: bool | str, device: torch.device | str | None = None) -> bool:
     """A bf16 switch of the config (``train.bf16``, ``distill.teacher_bf16``) for ``device`` (default: the GPU
     if there is one, else the CPU): true and false as they say; ``auto`` on only where bf16 is native
     (:func:`native_bf16`), so never the emulated path, and off where that is not known."""
     if setting != "auto":
         return bool(setting)
-    return bool(native_bf16(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    return bool(native_bf16(device or default_device()))
 
 
 def build_model(cfg: ModelConfig, tokenizer, attn_implementation: str = "sdpa"):
