@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+# the schedule of runs (and of curve JSONs) from before `train.schedule` existed: there was no other then
+OLD_SCHEDULE = "inverse-sqrt"
+
 
 def read_run(run: Path) -> dict:
     cfg = yaml.safe_load((run / "train_config.yaml").read_text(encoding="utf-8"))
@@ -34,7 +37,8 @@ def summary(run: dict) -> dict:
     minutes = best["train_seconds"] / 60 if best else 0.0
     return {"run": run["name"], "arch": m.get("arch", "post-ln"),
             "shape": f"{m['encoder_layers']}+{m['decoder_layers']} d{m['d_model']} ffn{m['ffn_dim']}",
-            "schedule": t.get("schedule", "inverse-sqrt"), "lr": t["lr"], "warmup": t["warmup_steps"], "max_tokens": t["max_tokens"], "dropout": m["dropout"],
+            "schedule": t.get("schedule", OLD_SCHEDULE), "lr": t["lr"], "warmup": t["warmup_steps"],
+            "max_tokens": t["max_tokens"], "dropout": m["dropout"],
             "threads": threads, "updates": run["evals"][-1]["step"] if run["evals"] else 0,
             "best_dev_bleu": best["dev_bleu"] if best else None, "best_step": best["step"] if best else None,
             "best_minutes": round(minutes, 1), "last_dev_loss": run["evals"][-1]["dev_loss"] if run["evals"] else None,
@@ -60,8 +64,7 @@ def main() -> None:
         if path.suffix == ".json":  # curves written by this script: their rows and evaluations as they were
             kept = json.loads(path.read_text(encoding="utf-8"))
             runs += [{"name": c["run"], "evals": c["evals"]} for c in kept]
-            rows += [{"schedule": "inverse-sqrt", **{k: v for k, v in c.items() if k != "evals"}} for c in kept]
-            # (a JSON from before the schedule column: every run then used inverse-sqrt)
+            rows += [{"schedule": OLD_SCHEDULE, **{k: v for k, v in c.items() if k != "evals"}} for c in kept]
         else:
             runs.append(read_run(path))
             rows.append(summary(runs[-1]))
@@ -89,8 +92,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
 
-    cols = ["run", "arch", "shape", "schedule", "lr", "warmup", "max_tokens", "dropout", "threads", "updates", "best_dev_bleu",
-            "best_step", "best_minutes", "bleu_per_cpu_hour", "last_dev_loss"]
+    cols = ["run", "arch", "shape", "schedule", "lr", "warmup", "max_tokens", "dropout", "threads", "updates",
+            "best_dev_bleu", "best_step", "best_minutes", "bleu_per_cpu_hour", "last_dev_loss"]
     lines = [f"# {args.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
     args.md.parent.mkdir(parents=True, exist_ok=True)
