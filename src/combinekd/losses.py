@@ -113,7 +113,8 @@ class _VocabLosses(torch.autograd.Function):
             e, total, lse = _exp_sum(z)  # p_S = e / total
             hard += ((lse - (1 - eps) * z.gather(1, y).squeeze(1) - eps * z.mean(-1)) * scale).sum()
             if t_hidden is not None:
-                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0].to(z.dtype, copy=True)
+                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0]  # changed in place below:
+                z_t = z_t.to(z.dtype, copy=t_weight is None)  # a copy where it is a view of the teacher's logits
                 z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
                 e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
                 lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
@@ -128,7 +129,7 @@ class _VocabLosses(torch.autograd.Function):
                 g = e.mul_(((w_hard + (w_soft if temperature == 1 else 0.0)) * scale / total)[:, None])
                 if temperature != 1:  # p_S^T is not p_S: its own softmax
                     g.add_(z_s.sub_(lse_s[:, None]).exp_().mul_((w_soft * temperature * scale)[:, None]))
-                g.sub_(e_t.mul_((w_soft * temperature * scale / total_t)[:, None]))
+                g.addcmul_(e_t, (w_soft * temperature * scale / total_t)[:, None], value=-1)
             g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
             if weight is None:
                 grad_h[rows] = g
