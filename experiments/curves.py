@@ -1,13 +1,14 @@
 """Dev BLEU against training time for several runs: a PNG and a Markdown/JSON table.
 
-    python experiments/curves.py RUN_DIR|CURVES.json [...] --png docs/x.png --md results/x.md [--title T]
+    python experiments/curves.py RUN_DIR|CURVES.json [...] --png docs/x.png --md results/x.md [--title T] [--minutes M]
 
 Reads each run's train_log.jsonl (validation entries carry ``train_seconds``, the training time so
 far, validation excluded) and train_config.yaml. The table gives per run: architecture, shape, lr,
 warm-up, batch tokens, updates, best dev BLEU (and when), training minutes, and dev BLEU per
 CPU-hour at the best point (minutes x threads). The JSON also holds each run's evaluations (update, dev
 BLEU, dev loss, training seconds), so that a curve outlives the run that made it: given in place of a run
-dir, such a JSON adds its runs again (a run whose dir is gone, beside new ones).
+dir, such a JSON adds its runs again (a run whose dir is gone, beside new ones). ``--minutes`` cuts every
+run at one budget of training minutes, so that short candidate runs and a long run compare like for like.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ def read_run(run: Path) -> dict:
 
 def summary(run: dict) -> dict:
     m, t = run["cfg"]["model"], run["cfg"]["train"]
-    best = max(run["evals"], key=lambda e: e["dev_bleu"]) if run["evals"] else None
     threads = t.get("threads") or 2
-    minutes = best["train_seconds"] / 60 if best else 0.0
     return {"run": run["name"], "arch": m.get("arch", "post-ln"),
             "shape": f"{m['encoder_layers']}+{m['decoder_layers']} d{m['d_model']} ffn{m['ffn_dim']}",
             "schedule": t.get("schedule", OLD_SCHEDULE), "lr": t["lr"], "warmup": t["warmup_steps"],
-            "max_tokens": t["max_tokens"], "dropout": m["dropout"],
-            "threads": threads, "updates": run["evals"][-1]["step"] if run["evals"] else 0,
+            "max_tokens": t["max_tokens"], "dropout": m["dropout"], "threads": threads,
+            **progress(run["evals"], threads)}
+
+
+def progress(evals: list[dict], threads: int) -> dict:
+    """The row's figures that depend on the evaluations: the last update, the best dev BLEU, when, and per CPU-hour."""
+    best = max(evals, key=lambda e: e["dev_bleu"]) if evals else None
+    minutes = best["train_seconds"] / 60 if best else 0.0
+    return {"updates": evals[-1]["step"] if evals else 0,
             "best_dev_bleu": best["dev_bleu"] if best else None, "best_step": best["step"] if best else None,
-            "best_minutes": round(minutes, 1), "last_dev_loss": run["evals"][-1]["dev_loss"] if run["evals"] else None,
+            "best_minutes": round(minutes, 1), "last_dev_loss": evals[-1]["dev_loss"] if evals else None,
             "bleu_per_cpu_hour": round(best["dev_bleu"] / (minutes * threads / 60), 2) if best and minutes else None}
 
 
@@ -53,7 +59,11 @@ def main() -> None:
     parser.add_argument("--title", default="dev BLEU against CPU time")
     parser.add_argument("--updates-only", action="store_true",
                         help="plot against updates only (runs on another machine, e.g. a GPU: CPU time means nothing)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="keep each run's evaluations within this many minutes of training (one time budget for all)")
     args = parser.parse_args()
+    def within(evals: list[dict]) -> list[dict]:
+        return [e for e in evals if args.minutes is None or e["train_seconds"] <= args.minutes * 60]
 
     import matplotlib
     matplotlib.use("Agg")
@@ -62,11 +72,13 @@ def main() -> None:
     runs, rows = [], []
     for path in args.runs:
         if path.suffix == ".json":  # curves written by this script: their rows and evaluations as they were
-            kept = json.loads(path.read_text(encoding="utf-8"))
-            runs += [{"name": c["run"], "evals": c["evals"]} for c in kept]
-            rows += [{"schedule": OLD_SCHEDULE, **{k: v for k, v in c.items() if k != "evals"}} for c in kept]
+            for c in json.loads(path.read_text(encoding="utf-8")):
+                runs.append({"name": c["run"], "evals": within(c["evals"])})
+                rows.append({"schedule": OLD_SCHEDULE, **{k: v for k, v in c.items() if k != "evals"},
+                             **progress(runs[-1]["evals"], c["threads"])})
         else:
             runs.append(read_run(path))
+            runs[-1]["evals"] = within(runs[-1]["evals"])
             rows.append(summary(runs[-1]))
     if args.updates_only:
         fig, by_step = plt.subplots(1, 1, figsize=(6.5, 4.5))
