@@ -316,6 +316,55 @@ def test_vocab_losses_apply_the_output_layer_a_chunk_at_a_time(monkeypatch, dtyp
     assert h.grad[labels == -100].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype,temperature", [(None, 2.0), (torch.bfloat16, 1.0)])
+def test_compiled_vocab_losses_equal_the_eager_ones(monkeypatch, dtype, temperature):
+    """``compiled=True`` (train.compile_loss) runs the same terms through torch.compile: the same values and
+    gradients as the eager function, over several chunks with rows of padding."""
+    import combinekd.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 5 * 50)  # 5 rows a chunk, the last one shorter
+    torch.manual_seed(4)
+    h, w = torch.randn(3, 7, 16), torch.randn(50, 16) / 4
+    b, h_t, w_t, b_t = torch.randn(1, 50), torch.randn(3, 7, 24), torch.randn(50, 24) / 5, torch.randn(1, 50)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[1, 3:] = -100
+    results = []
+    for compiled in (False, True):
+        h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, hard, soft = losses.vocab_losses(losses.Logits(h1, w1, b, dtype), losses.Logits(h_t, w_t, b_t, dtype),
+                                               labels, 0.1, temperature, 0.6, 0.4, compiled=compiled)
+        loss.backward()
+        results.append((loss.item(), hard.item(), soft.item(), h1.grad, w1.grad))
+    assert losses._compiled_terms is not losses.chunk_terms  # it compiled here, no fallback
+    (loss0, hard0, soft0, gh0, gw0), (loss1, hard1, soft1, gh1, gw1) = results
+    assert (loss1, hard1, soft1) == pytest.approx((loss0, hard0, soft0), rel=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype is None else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(gh1, gh0, **tol)
+    torch.testing.assert_close(gw1, gw0, **tol)
+    assert gh1[labels == -100].abs().sum() == 0
+
+
+def test_loss_runs_eagerly_where_torch_compile_cannot_build(monkeypatch, capsys):
+    """A machine where torch.compile fails (no C++ compiler): one warning, then the eager terms, same values."""
+    import combinekd.losses as losses
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(losses, "_compiled_terms", broken)
+    torch.manual_seed(5)
+    s, t = torch.randn(2, 4, 9, requires_grad=True), torch.randn(2, 4, 9)
+    labels = torch.randint(0, 9, (2, 4))
+    first = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, 0.5, 0.5, compiled=True)
+    again = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, 0.5, 0.5, compiled=True)
+    eager = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, 0.5, 0.5)
+    assert first[0].item() == again[0].item() == eager[0].item()
+    assert losses._compiled_terms is losses.chunk_terms
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "(InvalidCxxCompiler: No working C++ compiler found); it runs uncompiled" in err \
+        and "more detail" not in err
+
+
 def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):
     """A 1-layer student copied from teacher layer 1 reproduces it: zero loss for [[1]], not for [[2]]."""
     tokenizer = load_tokenizer(data_dir)

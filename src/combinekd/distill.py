@@ -44,6 +44,7 @@ class Objective(nn.Module):
         self.student = student
         object.__setattr__(self, "teacher", teacher)
         self.label_smoothing = cfg.train.label_smoothing
+        self.compile_loss = cfg.train.compile_loss
         d = cfg.distill
         self.w_hard = d.w_hard if d else 1.0
         self.w_soft = d.w_soft if d and teacher is not None else 0.0
@@ -112,7 +113,9 @@ class Objective(nn.Module):
             self._teacher_seconds += time.perf_counter() - start
         # w_hard * hard + w_soft * soft, with the gradient; hard and soft themselves are values for the log
         vocab, hard, soft = vocab_losses(logits_s, logits_t if self.w_soft else None, labels,
-                                         self.label_smoothing, self.temperature, self.w_hard, self.w_soft)
+                                         self.label_smoothing, self.temperature, self.w_hard, self.w_soft,
+                                         compiled=self.compile_loss is True or (
+                                             self.compile_loss == "auto" and labels.device.type == "cpu"))
         parts = {"hard": hard, **({"soft": soft} if self.w_soft else {})}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if out_t is not None:

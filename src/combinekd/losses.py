@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from combinekd.errors import warn
+
 
 @dataclass
 class Logits:
@@ -32,7 +34,7 @@ class Logits:
 
 def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Tensor,
                  label_smoothing: float, temperature: float = 1.0, w_hard: float = 1.0,
-                 w_soft: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 w_soft: float = 0.0, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, hard, soft)`` per non-pad target token (labels -100 = pad), the two terms over the vocabulary:
 
         hard = CE_ls(z_S, y) = (1 - eps) * -log p_S[y] + eps * mean_v(-log p_S[v])     (label smoothing eps)
@@ -47,7 +49,8 @@ def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Te
         d hard / dz = p_S - (1 - eps) * onehot(y) - eps / V,     d soft / dz = T * (p_S^T - q),
         d loss / dh = (d loss / dz) W,     d loss / dW = (d loss / dz)^T h,
     so no full-vocabulary tensor is ever materialised (a 4,096-token batch x 8,000 words is 130 MB
-    in fp32; the plain autograd version keeps several, and fresh blocks that size cost page faults)."""
+    in fp32; the plain autograd version keeps several, and fresh blocks that size cost page faults).
+    ``compiled``: each chunk's elementwise work runs as torch.compile's fused loops (``train.compile_loss``)."""
     if teacher_logits is not None and teacher_logits.vocab != logits.vocab:
         raise ValueError(f"teacher predicts {teacher_logits.vocab} tokens, the student {logits.vocab}")
     def rows(x: torch.Tensor | None) -> torch.Tensor | None:  # (batch, length, features) -> (tokens, features)
@@ -58,7 +61,7 @@ def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Te
     wants = tuple(grad_enabled and x is not None and x.requires_grad for x in (logits.hidden, logits.weight))
     return _VocabLosses.apply(rows(logits.hidden), logits.weight, logits.bias, logits.dtype, rows(teacher.hidden),
                               teacher.weight, teacher.bias, teacher.dtype, labels.reshape(-1), label_smoothing,
-                              temperature, w_hard, w_soft if teacher_logits is not None else 0.0, wants)
+                              temperature, w_hard, w_soft if teacher_logits is not None else 0.0, wants, compiled)
 
 
 # rows x vocabulary per chunk of logits: 4 MB in fp32, stays in the CPU's cache (131 to 1,048 rows of
@@ -67,8 +70,9 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunk_logits(hidden, weight, bias, dtype, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, h): one chunk's logits in fp32 (h W^T in ``dtype``, as the model computes it, then + b) and
-    the states it came from (in ``dtype``)."""
+    """(z, h): one chunk's logits in fp32 (h W^T in ``dtype``, as the model computes it, then + b; fp64 stays
+    fp64, for gradcheck) and the states they came from (in ``dtype``); without an output layer the rows of
+    the logits themselves, read in fp32 (a view where they are fp32 already)."""
     if weight is None:
         return _wide(hidden[rows]), hidden[rows]
     h = hidden[rows].to(dtype or hidden.dtype)
@@ -77,21 +81,19 @@ def _chunk_logits(hidden, weight, bias, dtype, rows) -> tuple[torch.Tensor, torc
 
 
 class _VocabLosses(torch.autograd.Function):
-    """Forward: per chunk of rows, the softmaxes p = exp(z - m) / sum exp(z - m) (m = max, for safety),
-    the log-partition lse(z) = m + log sum exp(z - m) (one exponential per logit), and from them
-        -log p_S[v] = lse(z) - z_v,   KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T),
-    and the gradient of ``loss``. Backward: that gradient times the incoming one."""
+    """Forward: per chunk of rows, the terms and the gradient of ``loss`` (``chunk_terms``); backward:
+    that gradient times the incoming one."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype, labels, eps, temperature,
-                w_hard, w_soft, wants):
+                w_hard, w_soft, wants, compiled):
         with torch.autocast(hidden.device.type, enabled=False):
             return _VocabLosses._forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype,
-                                         labels, eps, temperature, w_hard, w_soft, wants)
+                                         labels, eps, temperature, w_hard, w_soft, wants, compiled)
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, dtype, t_hidden, t_weight, t_bias, t_dtype, labels, eps, temperature,
-                 w_hard, w_soft, wants):
+                 w_hard, w_soft, wants, compiled):
         wide = torch.promote_types(hidden.dtype, torch.float32)
         if weight is not None:  # the output layers in the product's precision, once
             weight = weight.to(dtype or weight.dtype)
@@ -104,37 +106,32 @@ class _VocabLosses(torch.autograd.Function):
         soft = hidden.new_zeros((), dtype=torch.float64)
         grad_h = torch.empty_like(hidden) if wants[0] else None
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants[1] else None
+        terms = _terms(compiled)
         step = max(1, _CHUNK_ELEMENTS // vocab)
         for at in range(0, hidden.shape[0], step):
             rows = slice(at, at + step)
             z, h = _chunk_logits(hidden, weight, bias, dtype, rows)
-            y = labels[rows].clamp(min=0)[:, None]
+            z_t = None
+            if t_hidden is not None:  # changed in place by chunk_terms: a copy where it is a view of the logits
+                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0]
+                z_t = z_t.to(z.dtype, copy=t_weight is None)
             scale = valid[rows].to(z.dtype) / n  # per row: 1/n, pad rows 0 (no loss, no gradient)
-            e, total, lse = _exp_sum(z)  # p_S = e / total
-            hard += ((lse - (1 - eps) * z.gather(1, y).squeeze(1) - eps * z.mean(-1)) * scale).sum()
-            if t_hidden is not None:
-                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0]  # changed in place below:
-                z_t = z_t.to(z.dtype, copy=t_weight is None)  # a copy where it is a view of the teacher's logits
-                z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
-                e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
-                lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
-                cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v  (z_t changed in place)
-                soft += ((cross - lse_t + lse_s) * scale).sum()
-            if grad_h is None and grad_w is None:
+            args = (z, z_t, labels[rows].clamp(min=0), scale, eps, temperature, w_hard, w_soft,
+                    grad_h is not None or grad_w is not None, h.dtype)
+            try:
+                chunk_hard, chunk_soft, g = terms(*args)
+            except Exception as exc:  # torch.compile cannot build here (no C++ compiler, ...): run eagerly
+                if terms is chunk_terms:
+                    raise
+                terms = _compile_failed(exc)
+                chunk_hard, chunk_soft, g = terms(*args)
+            hard += chunk_hard
+            soft += chunk_soft
+            if g is None:
                 continue
-            if t_hidden is None:
-                g = e.mul_((w_hard * scale / total)[:, None])
-            else:
-                # d loss / dz = w_hard (p_S - (1 - eps) onehot(y) - eps / V) + w_soft T (p_S^T - q)
-                g = e.mul_(((w_hard + (w_soft if temperature == 1 else 0.0)) * scale / total)[:, None])
-                if temperature != 1:  # p_S^T is not p_S: its own softmax
-                    g.add_(z_s.sub_(lse_s[:, None]).exp_().mul_((w_soft * temperature * scale)[:, None]))
-                g.addcmul_(e_t, (w_soft * temperature * scale / total_t)[:, None], value=-1)
-            g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
             if weight is None:
                 grad_h[rows] = g
                 continue
-            g = g.to(h.dtype)
             if grad_h is not None:
                 grad_h[rows] = g @ weight  # d loss / dh = g W
             if grad_w is not None:
@@ -148,7 +145,65 @@ class _VocabLosses(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         grad_h, grad_w = ctx.saved_tensors
         grads = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w)]
-        return grads[0], grads[1], *[None] * 12
+        return grads[0], grads[1], *[None] * 13
+
+
+def chunk_terms(z: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor, scale: torch.Tensor, eps: float,
+                temperature: float, w_hard: float, w_soft: float, grad: bool, grad_dtype: torch.dtype):
+    """One chunk of rows of ``vocab_losses``: ``(hard, soft, g)``, the rows' hard and soft terms summed with
+    the weights ``scale`` (1/n, pad rows 0), and g = d loss / dz in ``grad_dtype`` (None without ``grad``).
+    ``z``, ``z_t``: the student's and the teacher's (or None) logits in fp32 (``z_t`` is changed in place).
+    The softmaxes p = exp(z - m) / sum exp(z - m) (m = max, for safety) and the log-partition
+    lse(z) = m + log sum exp(z - m), one exponential per logit and distribution, give
+        -log p_S[v] = lse(z) - z_v,   KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T),
+        d hard / dz = p_S - (1 - eps) onehot(y) - eps / V,   d soft / dz = T (p_S^T - q).
+    A function of tensors: ``vocab_losses`` runs it as it is, or compiled (fused loops instead of one pass
+    over the chunk per operation)."""
+    vocab = z.shape[-1]
+    y = labels[:, None]
+    e, total, lse = _exp_sum(z)  # p_S = e / total
+    hard = ((lse - (1 - eps) * z.gather(1, y).squeeze(1) - eps * z.mean(-1)) * scale).sum()
+    soft = torch.zeros_like(hard)
+    if z_t is not None:
+        z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
+        e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
+        lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
+        cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v  (z_t changed in place)
+        soft = ((cross - lse_t + lse_s) * scale).sum()
+    if not grad:
+        return hard, soft, None
+    if z_t is None:
+        g = e.mul_((w_hard * scale / total)[:, None])
+    else:
+        # d loss / dz = w_hard (p_S - (1 - eps) onehot(y) - eps / V) + w_soft T (p_S^T - q)
+        g = e.mul_(((w_hard + (w_soft if temperature == 1 else 0.0)) * scale / total)[:, None])
+        if temperature != 1:  # p_S^T is not p_S: its own softmax
+            g.add_(z_s.sub_(lse_s[:, None]).exp_().mul_((w_soft * temperature * scale)[:, None]))
+        g.addcmul_(e_t, (w_soft * temperature * scale / total_t)[:, None], value=-1)
+    g.sub_((w_hard * eps / vocab * scale)[:, None]).scatter_add_(1, y, (-w_hard * (1 - eps) * scale)[:, None])
+    return hard, soft, g.to(grad_dtype)
+
+
+_compiled_terms = None  # chunk_terms under torch.compile, built on first use; chunk_terms once that failed
+
+
+def _terms(compiled: bool):
+    """``chunk_terms``, compiled (once per process, for any number of rows) where asked."""
+    global _compiled_terms
+    if not compiled:
+        return chunk_terms
+    if _compiled_terms is None:
+        _compiled_terms = torch.compile(chunk_terms, dynamic=True)
+    return _compiled_terms
+
+
+def _compile_failed(exc: Exception):
+    """Say once why the loss runs uncompiled, and run it so from now on."""
+    global _compiled_terms
+    _compiled_terms = chunk_terms
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    warn(f"train.compile_loss: torch.compile could not build the loss here ({first}); it runs uncompiled")
+    return chunk_terms
 
 
 def _exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
