@@ -148,6 +148,7 @@ def plot(results: Sequence[dict], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, result in enumerate(results):  # a legend, not labels at the points: close points' labels overlapped
@@ -155,7 +156,10 @@ def plot(results: Sequence[dict], path: str | Path) -> None:
         ax.scatter(run["sentences_per_s"], run["bleu"], marker="osD^vP*X"[i % 8], s=40,
                    label=f"{Path(result['model']).name} ({result['engine']} {result['precision']})")
     ax.legend(fontsize=8)
-    ax.set_xscale("log")
+    ax.set_xscale("log")  # ticks at 1, 2, 5 x 10^k as plain numbers (the default's minor labels overlapped)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.25, y=0.15)
     ax.set_xlabel("sentences/s (beam 5, batch 32; log scale)")
     ax.set_ylabel("BLEU")
