@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from combinekd.cli import main
 from combinekd.config import STRATEGIES, ModelConfig
 from combinekd.data import collate, load_split, load_tokenizer, read_meta
-from combinekd.distill import Objective, build_objective
+from combinekd.distill import Objective, build_objective, combined_layer_loss
 from combinekd.errors import UserError
 from combinekd.models import build_model, save_model_dir
 from combinekd.trainer import train
@@ -335,7 +335,7 @@ def test_compiled_vocab_losses_equal_the_eager_ones(monkeypatch, dtype, temperat
                                                labels, 0.1, temperature, 0.6, 0.4, compiled=compiled)
         loss.backward()
         results.append((loss.item(), hard.item(), soft.item(), h1.grad, w1.grad))
-    assert losses._compiled_terms is not losses.chunk_terms  # it compiled here, no fallback
+    assert losses.chunk_terms in losses._compiled and not losses._eager_only  # it compiled here, no fallback
     (loss0, hard0, soft0, gh0, gw0), (loss1, hard1, soft1, gh1, gw1) = results
     assert (loss1, hard1, soft1) == pytest.approx((loss0, hard0, soft0), rel=1e-5)
     tol = dict(rtol=1e-4, atol=1e-6) if dtype is None else dict(rtol=2e-2, atol=1e-4)
@@ -351,7 +351,8 @@ def test_loss_runs_eagerly_where_torch_compile_cannot_build(monkeypatch, capsys)
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(losses, "_compiled_terms", broken)
+    monkeypatch.setattr(losses, "_compiled", {losses.chunk_terms: broken})
+    monkeypatch.setattr(losses, "_eager_only", False)
     torch.manual_seed(5)
     s, t = torch.randn(2, 4, 9, requires_grad=True), torch.randn(2, 4, 9)
     labels = torch.randint(0, 9, (2, 4))
@@ -359,10 +360,36 @@ def test_loss_runs_eagerly_where_torch_compile_cannot_build(monkeypatch, capsys)
     again = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, 0.5, 0.5, compiled=True)
     eager = losses.vocab_losses(losses.Logits(s), losses.Logits(t), labels, 0.1, 1.0, 0.5, 0.5)
     assert first[0].item() == again[0].item() == eager[0].item()
-    assert losses._compiled_terms is losses.chunk_terms
+    assert losses._eager_only  # and so is every compiled function from now on (the layer loss too)
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "more detail" not in err
     assert "(InvalidCxxCompiler: No working C++ compiler found); it runs uncompiled" in err
+
+
+@pytest.mark.parametrize("combiner", COMBINER_NAMES)
+def test_compiled_layer_loss_equals_the_eager_one(data_dir, teacher_dir, tmp_path, combiner):
+    """train.compile_loss also runs each student layer's combiner and layer loss through torch.compile: the
+    same loss parts and the same gradients (student, combiners) as eagerly, the diagnostics included."""
+    import combinekd.losses as losses
+
+    results = []
+    for compiled in (False, True):
+        cfg = kd_config(data_dir, tmp_path / "o", teacher_dir, **{
+            "model.dropout": 0.0, "distill.encoder.combiner": combiner, "distill.decoder.strategy": "regular",
+            "distill.decoder.combiner": combiner, "train.compile_loss": compiled})
+        torch.manual_seed(7)
+        objective = build_objective(cfg, load_tokenizer(data_dir))
+        parts = objective(batch(data_dir))
+        parts["loss"].backward()
+        results.append(({k: v.item() for k, v in parts.items()},
+                        {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}))
+    assert combined_layer_loss in losses._compiled and not losses._eager_only  # it compiled, no fallback
+    (parts0, grads0), (parts1, grads1) = results
+    assert parts1.keys() == parts0.keys() and {"layer_encoder", "layer_decoder", "encoder1/baseline"} <= parts0.keys()
+    assert parts1 == pytest.approx(parts0, rel=1e-5, abs=1e-7)
+    assert grads1.keys() == grads0.keys() and any(name.startswith("combiners") for name in grads0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6)
 
 
 def test_layer_indices_are_one_based_layer_outputs(data_dir, teacher_dir, tmp_path):

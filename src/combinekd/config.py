@@ -99,9 +99,10 @@ class TrainConfig(_Strict):
         "auto", description="bf16 autocast; auto: on where bf16 is native (a GPU that supports it, an x86 CPU with "
         "AMX or AVX-512 BF16), off elsewhere (emulated there, and can be many times slower than fp32)")
     compile_loss: bool | Literal["auto"] = Field(
-        "auto", description="run the loss's per-chunk softmax work (hard and soft terms and their gradient) as "
-        "torch.compile's fused loops; auto: on a CPU (measured: README, Speed), off on a GPU (not measured there). "
-        "Compiled once per run, a few seconds; where it cannot be built (no C++ compiler) it warns and runs eagerly")
+        "auto", description="run the loss's elementwise work (the per-chunk softmaxes of the hard and soft terms "
+        "and their gradient; the combiners and the layer loss) as torch.compile's fused loops; auto: on a CPU "
+        "(measured: README, Speed), off on a GPU (not measured there). Compiled once per run, a few seconds; where "
+        "it cannot be built (no C++ compiler) it warns and runs eagerly")
     grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer update")
     eval_every: int = Field(1000, ge=1, description="validate and checkpoint every N updates")
     eval_beam: int = Field(1, ge=1, description="beam size for the dev BLEU during training")

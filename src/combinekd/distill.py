@@ -19,7 +19,7 @@ from torch import nn
 from combinekd.combiners import build_combiner
 from combinekd.config import Config, InitConfig, SideConfig
 from combinekd.errors import UserError, warn
-from combinekd.losses import Logits, attention_loss, layer_loss, masked_mean, vocab_losses
+from combinekd.losses import Logits, attention_loss, layer_loss, masked_mean, maybe_compiled, vocab_losses
 from combinekd.mapping import Groups, describe, layer_groups, random_groups
 
 SIDES = ("encoder", "decoder")
@@ -111,11 +111,10 @@ class Objective(nn.Module):
                 out_t, logits_t = forward_to_logits(
                     self.teacher, {**inputs, "decoder_input_ids": decoder_input_ids(self.teacher, labels)})
             self._teacher_seconds += time.perf_counter() - start
+        compiled = self.compile_loss is True or (self.compile_loss == "auto" and labels.device.type == "cpu")
         # w_hard * hard + w_soft * soft, with the gradient; hard and soft themselves are values for the log
-        vocab, hard, soft = vocab_losses(logits_s, logits_t if self.w_soft else None, labels,
-                                         self.label_smoothing, self.temperature, self.w_hard, self.w_soft,
-                                         compiled=self.compile_loss is True or (
-                                             self.compile_loss == "auto" and labels.device.type == "cpu"))
+        vocab, hard, soft = vocab_losses(logits_s, logits_t if self.w_soft else None, labels, self.label_smoothing,
+                                         self.temperature, self.w_hard, self.w_soft, compiled=compiled)
         parts = {"hard": hard, **({"soft": soft} if self.w_soft else {})}
         stats: dict[str, torch.Tensor] = {}  # logged, not optimised
         if out_t is not None:
@@ -127,9 +126,12 @@ class Objective(nn.Module):
                     h_s, h_t = self._taps[f"student_{side}"].pop(), self._taps[f"teacher_{side}"].pop()
                     per_layer = []
                     for i, (group, combine) in enumerate(zip(groups, self.combiners[side]), 1):
-                        compared = combine(h_s[i], [h_t[j] for j in group])
-                        per_layer.append(layer_loss(*compared, masks[side], side_cfg.loss))
+                        teachers = [h_t[j] for j in group]
+                        per_layer.append(maybe_compiled(combined_layer_loss, compiled, combine, h_s[i], teachers,
+                                                        masks[side], side_cfg.loss))
                         if self.collect_stats:
+                            with torch.no_grad():  # the compared pair again, for the diagnostics only
+                                compared = combine(h_s[i], teachers)
                             stats.update(_layer_stats(f"{side}{i}", per_layer[-1], h_s[i], compared, combine,
                                                       masks[side], side_cfg.loss))
                     parts[f"layer_{side}"] = sum(per_layer)
@@ -201,6 +203,12 @@ def layer_stack(model: nn.Module, side: str) -> nn.ModuleList:
         if isinstance(getattr(stack, name, None), nn.ModuleList):
             return getattr(stack, name)
     raise UserError(f"cannot find the {side} layers of a `{model.config.model_type}` model")
+
+
+def combined_layer_loss(combine: nn.Module, student: torch.Tensor, teachers: list[torch.Tensor], mask: torch.Tensor,
+                        kind: str) -> torch.Tensor:
+    """LayerLoss(h_S^i, Combine_i({h_T^j : j in M(i)})) for one student layer (``combine``: its combiner)."""
+    return layer_loss(*combine(student, teachers), mask, kind)
 
 
 @torch.no_grad()

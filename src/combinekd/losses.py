@@ -106,25 +106,17 @@ class _VocabLosses(torch.autograd.Function):
         soft = hidden.new_zeros((), dtype=torch.float64)
         grad_h = torch.empty_like(hidden) if wants[0] else None
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants[1] else None
-        terms = _terms(compiled)
         step = max(1, _CHUNK_ELEMENTS // vocab)
         for at in range(0, hidden.shape[0], step):
             rows = slice(at, at + step)
             z, h = _chunk_logits(hidden, weight, bias, dtype, rows)
             z_t = None
-            if t_hidden is not None:  # changed in place by chunk_terms: a copy where it is a view of the logits
-                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0]
-                z_t = z_t.to(z.dtype, copy=t_weight is None)
+            if t_hidden is not None:
+                z_t = _chunk_logits(t_hidden, t_weight, t_bias, t_dtype, rows)[0].to(z.dtype)
             scale = valid[rows].to(z.dtype) / n  # per row: 1/n, pad rows 0 (no loss, no gradient)
             args = (z, z_t, labels[rows].clamp(min=0), scale, eps, temperature, w_hard, w_soft,
                     grad_h is not None or grad_w is not None, h.dtype)
-            try:
-                chunk_hard, chunk_soft, g = terms(*args)
-            except Exception as exc:  # torch.compile cannot build here (no C++ compiler, ...): run eagerly
-                if terms is chunk_terms:
-                    raise
-                terms = _compile_failed(exc)
-                chunk_hard, chunk_soft, g = terms(*args)
+            chunk_hard, chunk_soft, g = maybe_compiled(chunk_terms, compiled, *args)
             hard += chunk_hard
             soft += chunk_soft
             if g is None:
@@ -152,7 +144,8 @@ def chunk_terms(z: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor,
                 temperature: float, w_hard: float, w_soft: float, grad: bool, grad_dtype: torch.dtype):
     """One chunk of rows of ``vocab_losses``: ``(hard, soft, g)``, the rows' hard and soft terms summed with
     the weights ``scale`` (1/n, pad rows 0), and g = d loss / dz in ``grad_dtype`` (None without ``grad``).
-    ``z``, ``z_t``: the student's and the teacher's (or None) logits in fp32 (``z_t`` is changed in place).
+    ``z``, ``z_t``: the student's and the teacher's (or None) logits in fp32, left as they are (under
+    torch.compile a changed input is written back: a pass more over the chunk).
     The softmaxes p = exp(z - m) / sum exp(z - m) (m = max, for safety) and the log-partition
     lse(z) = m + log sum exp(z - m), one exponential per logit and distribution, give
         -log p_S[v] = lse(z) - z_v,   KL(q || p_S^T) = sum_v q_v (z_T/T - z/T)_v - lse(z_T/T) + lse(z/T),
@@ -168,7 +161,7 @@ def chunk_terms(z: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor,
         z_t, z_s = (z_t / temperature, z / temperature) if temperature != 1 else (z_t, z)
         e_t, total_t, lse_t = _exp_sum(z_t)  # q = e_t / total_t
         lse_s = lse if temperature == 1 else z_s.logsumexp(-1)
-        cross = z_t.sub_(z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v  (z_t changed in place)
+        cross = (z_t - z_s).mul_(e_t).sum(-1) / total_t  # sum_v q_v (z_T/T - z/T)_v
         soft = ((cross - lse_t + lse_s) * scale).sum()
     if not grad:
         return hard, soft, None
@@ -184,26 +177,26 @@ def chunk_terms(z: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor,
     return hard, soft, g.to(grad_dtype)
 
 
-_compiled_terms = None  # chunk_terms under torch.compile, built on first use; chunk_terms once that failed
+_compiled: dict = {}  # fn -> torch.compile(fn), built on first use
+_eager_only = False  # set once torch.compile could not build here
 
 
-def _terms(compiled: bool):
-    """``chunk_terms``, compiled (once per process, for any number of rows) where asked."""
-    global _compiled_terms
-    if not compiled:
-        return chunk_terms
-    if _compiled_terms is None:
-        _compiled_terms = torch.compile(chunk_terms, dynamic=True)
-    return _compiled_terms
-
-
-def _compile_failed(exc: Exception):
-    """Say once why the loss runs uncompiled, and run it so from now on."""
-    global _compiled_terms
-    _compiled_terms = chunk_terms
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    warn(f"train.compile_loss: torch.compile could not build the loss here ({first}); it runs uncompiled")
-    return chunk_terms
+def maybe_compiled(fn, compiled: bool, *args):
+    """``fn(*args)``, through ``torch.compile(fn, dynamic=True)`` (built once per process, for any shapes)
+    where ``compiled`` (``train.compile_loss``). Where inductor cannot build (no C++ compiler, ...): one
+    warning, and every such function runs eagerly from then on."""
+    global _eager_only
+    if not compiled or _eager_only:
+        return fn(*args)
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[fn](*args)
+    except Exception as exc:
+        _eager_only = True
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warn(f"train.compile_loss: torch.compile could not build the loss here ({first}); it runs uncompiled")
+        return fn(*args)
 
 
 def _exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
