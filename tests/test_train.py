@@ -468,6 +468,11 @@ def test_the_cpu_dropout_keeps_one_minus_p_and_rescales_as_torchs():
     # seeded: the same draws again
     torch.manual_seed(0)
     assert torch.equal(_cpu_dropout(x, 0.3), y)
+    # each of the four 16-bit draws of a 64-bit one is uniform (a 63-bit draw would keep every fourth element),
+    # and a size that is no multiple of 4 works
+    y = _cpu_dropout(torch.ones(250_001, 4), 0.1)
+    assert y.shape == (250_001, 4)
+    assert all(abs(f - 0.9) < 0.003 for f in (y != 0).float().mean(0).tolist())
 
 
 def test_training_forwards_use_the_cpu_dropout_and_torchs_is_restored(data_dir, tmp_path, monkeypatch):
