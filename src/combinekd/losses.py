@@ -68,7 +68,8 @@ def vocab_losses(logits: Logits, teacher_logits: Logits | None, labels: torch.Te
 # 8,000 words: the same speed within noise for CE + KL with both output layers, 4,096 x 256 states)
 _CHUNK_ELEMENTS = 1 << 20
 # chunks per product for the gradients: each product's output (d loss / dW, vocabulary x d) is added to the
-# fp32 sum in one more pass, so fewer, taller products cost less (8 x 131 rows: 1 MB of bf16 gradient rows per 1,000)
+# fp32 sum in one more pass, so fewer, taller products cost less (8 chunks of 131 rows x 8,000 words: 17 MB of
+# bf16 gradient rows held at a time; 127-146 ms -> 111-124 ms for the loss of 4,096 x 256 states, compiled)
 _CHUNKS_PER_PRODUCT = 8
 
 
